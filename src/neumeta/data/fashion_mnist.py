@@ -1,0 +1,189 @@
+"""Fashion-MNIST as in-memory tensors: train / validation / test splits.
+
+The whole dataset is 70k 28x28 images (55 MB as float32), so it is loaded once into tensors
+and batched by TensorLoader, rather than read image by image.
+
+Model selection uses the validation split, carved out of the 60k training images; the 10k
+test images are kept apart for the final tables only.
+"""
+
+import http.client
+import os
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+
+from .idx import read_idx
+
+# Per-pixel mean and std of the 60k Fashion-MNIST training images, with pixels scaled to [0, 1].
+# Fixed constants rather than recomputed, so every split and every run is normalised the same way.
+FASHION_MNIST_MEAN = 0.2860
+FASHION_MNIST_STD = 0.3530
+
+IMAGE_SIZE = 28
+
+TRAIN_IMAGES = "train-images-idx3-ubyte"
+TRAIN_LABELS = "train-labels-idx1-ubyte"
+TEST_IMAGES = "t10k-images-idx3-ubyte"
+TEST_LABELS = "t10k-labels-idx1-ubyte"
+FILE_NAMES = (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
+
+# Where Debian's `dataset-fashion-mnist` package installs the gzipped files.
+SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+# Where downloads go; expanded at call time so HOME can change (tests, containers).
+CACHE_DIR = Path("~/.cache/neumeta/fashion-mnist")
+DATA_DIR_ENV = "NEUMETA_DATA_DIR"
+DOWNLOAD_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+DOWNLOAD_TIMEOUT_S = 60
+
+Split = Tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class Splits:
+    """The three splits, each (images float32 [N,1,28,28] normalised, labels int64 [N])."""
+
+    train: Split
+    val: Split
+    test: Split
+
+
+def load_fashion_mnist(
+    data_dir=None, val_size: int = 5000, seed: int = 0, download: bool = True
+) -> Splits:
+    """Find (or download) Fashion-MNIST and return seeded, disjoint train / val splits plus test.
+
+    Looks in `data_dir`, then $NEUMETA_DATA_DIR, then the Debian package's directory, then the
+    user cache, and finally downloads into the user cache when `download` is true.
+    """
+    if val_size < 0:
+        raise ValueError(f"val_size must be >= 0, got {val_size}")
+
+    files = find_fashion_mnist(data_dir, download)
+    train_x, train_y = _read_split(files[TRAIN_IMAGES], files[TRAIN_LABELS])
+    test_x, test_y = _read_split(files[TEST_IMAGES], files[TEST_LABELS])
+
+    if val_size >= len(train_x):
+        raise ValueError(f"val_size {val_size} leaves no training images (only {len(train_x)} in total)")
+    generator = torch.Generator().manual_seed(seed)
+    permutation = torch.randperm(len(train_x), generator=generator)
+    # Sorted so each split keeps file order; the loaders shuffle anyway.
+    val_index = permutation[:val_size].sort().values
+    train_index = permutation[val_size:].sort().values
+
+    return Splits(
+        train=(train_x[train_index], train_y[train_index]),
+        val=(train_x[val_index], train_y[val_index]),
+        test=(test_x, test_y),
+    )
+
+
+def find_fashion_mnist(data_dir=None, download: bool = True) -> dict:
+    """Map each of the four file names to an existing path, or raise FileNotFoundError saying why."""
+    looked_in: List[Path] = []
+    for directory in _candidate_dirs(data_dir):
+        looked_in.append(directory)
+        files = _files_in(directory)
+        if files is not None:
+            return files
+
+    cache = CACHE_DIR.expanduser()
+    download_error = None
+    if download:
+        try:
+            _download(cache)
+            files = _files_in(cache)
+            if files is not None:
+                return files
+            download_error = f"files missing from {cache} after download"
+        except (OSError, http.client.HTTPException, ValueError) as error:
+            download_error = f"{type(error).__name__}: {error}"
+
+    places = "\n".join(f"  - {place}" for place in looked_in)
+    message = (
+        f"Fashion-MNIST not found. Looked for {', '.join(FILE_NAMES)} (optionally .gz) in:\n{places}\n"
+    )
+    if download_error is not None:
+        message += f"Download from {DOWNLOAD_URL} into {cache} failed: {download_error}\n"
+    else:
+        message += "Download was disabled.\n"
+    message += (
+        "Fix: pass --data-dir DIR (or set NEUMETA_DATA_DIR) to a directory holding the four files, "
+        "or install them with `apt-get install dataset-fashion-mnist`."
+    )
+    raise FileNotFoundError(message)
+
+
+def _candidate_dirs(data_dir) -> List[Path]:
+    """Directories to search, in order; each given directory also has its fashion-mnist subfolder tried."""
+    roots = []
+    if data_dir is not None:
+        roots.append(Path(data_dir).expanduser())
+    if os.environ.get(DATA_DIR_ENV):
+        roots.append(Path(os.environ[DATA_DIR_ENV]).expanduser())
+    candidates = []
+    for root in roots:
+        candidates += [root, root / "fashion-mnist"]
+    candidates += [SYSTEM_DIR, CACHE_DIR.expanduser()]
+    return candidates
+
+
+def _files_in(directory: Path) -> Optional[dict]:
+    """The four files in `directory` (raw preferred over .gz), or None if any is missing."""
+    files = {}
+    for name in FILE_NAMES:
+        for candidate in (directory / name, directory / f"{name}.gz"):
+            if candidate.is_file():
+                files[name] = candidate
+                break
+        else:
+            return None
+    return files
+
+
+def _download(cache: Path) -> None:
+    """Fetch the missing .gz files into `cache`, each checked to parse before it is moved in place.
+
+    Writing to a temp file and os.replace-ing it means an interrupted download never leaves a
+    half-written file that a later run would pick up.
+    """
+    cache.mkdir(parents=True, exist_ok=True)
+    for name in FILE_NAMES:
+        target = cache / f"{name}.gz"
+        if target.is_file():
+            continue
+        handle, temp_name = tempfile.mkstemp(dir=cache, prefix=f".{name}.", suffix=".gz.part")
+        try:
+            with os.fdopen(handle, "wb") as out, urllib.request.urlopen(
+                DOWNLOAD_URL + f"{name}.gz", timeout=DOWNLOAD_TIMEOUT_S
+            ) as response:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+            read_idx(temp_name)
+            os.replace(temp_name, target)
+        finally:
+            if os.path.exists(temp_name):
+                os.remove(temp_name)
+
+
+def _read_split(images_path: Path, labels_path: Path) -> Split:
+    """Images as normalised float32 [N,1,28,28] and labels as int64 [N], with shapes checked."""
+    images = read_idx(images_path)
+    labels = read_idx(labels_path)
+    if images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(f"{images_path}: expected images of shape [N,28,28], got {list(images.shape)}")
+    if labels.ndim != 1:
+        raise ValueError(f"{labels_path}: expected labels of shape [N], got {list(labels.shape)}")
+    if len(labels) != len(images):
+        raise ValueError(
+            f"{labels_path}: {len(labels)} labels but {images_path} has {len(images)} images"
+        )
+
+    x = torch.from_numpy(images).unsqueeze(1).to(torch.float32)
+    x = x.div_(255.0).sub_(FASHION_MNIST_MEAN).div_(FASHION_MNIST_STD)
+    y = torch.from_numpy(labels).to(torch.int64)
+    return x, y

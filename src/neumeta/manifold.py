@@ -1,0 +1,238 @@
+"""WeightManifold: the INR that turns a requested width into a network's weights.
+
+``generate`` gives differentiable parameters (used by ``fit`` through
+``torch.func.functional_call``); ``sample`` gives a standalone, really narrower ``nn.Module``.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .coords import CoordConfig, tensor_coordinates
+from .groups import MorphLayer, Width, WidthSpace
+from .inr import BlockMLP, FourierFeatures, INRConfig
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One generated parameter tensor: its layer, whether it is the bias, its row layout."""
+    block: int
+    layer: MorphLayer
+    bias: bool
+    out_repeat: int
+    in_repeat: int
+
+    @property
+    def name(self) -> str:
+        return self.layer.bias_name if self.bias else self.layer.weight_name
+
+    @property
+    def elements(self) -> int:
+        """Values per row: kernel taps times flatten repeats."""
+        if self.bias:
+            return self.out_repeat
+        return self.out_repeat * self.in_repeat * math.prod(self.layer.kernel)
+
+
+def _uniform_repeat(segments, where: str) -> int:
+    repeats = {s.repeat for s in segments}
+    if len(repeats) != 1:
+        raise ValueError(f"{where}: segments with different flatten sizes {sorted(repeats)} are not supported")
+    return repeats.pop()
+
+
+def _crop_index(spec: TensorSpec, out_dim: int) -> torch.Tensor:
+    """Which of the INR's ``out_dim`` outputs this tensor uses: a centred crop for smaller kernels."""
+    e = spec.elements
+    kernel = spec.layer.kernel
+    if e == out_dim:
+        return torch.arange(e)
+    if e == 1:
+        return torch.tensor([out_dim // 2])
+    if not spec.bias and kernel and e == math.prod(kernel) and len(set(kernel)) == 1:
+        n, k = len(kernel), kernel[0]
+        side = round(out_dim ** (1.0 / n))
+        if side ** n == out_dim and (side - k) % 2 == 0:
+            off = (side - k) // 2
+            grid = torch.arange(out_dim).view([side] * n)
+            for d in range(n):
+                grid = grid.narrow(d, off, k)
+            return grid.reshape(-1)
+    return torch.arange(e)
+
+
+class WeightManifold(nn.Module):
+    """An INR of the weights of every width of ``space``'s network.
+
+    Args:
+        space: the ``WidthSpace`` (folded model + channel groups) to represent.
+        inr: INR shape (hidden width, depth, Fourier frequencies).
+        coords: coordinate convention and training noise.
+        batched: run all blocks as one padded batched matmul (fast on GPUs); default: on CUDA only.
+    """
+
+    def __init__(self, space: WidthSpace, inr: INRConfig = INRConfig(), coords: CoordConfig = CoordConfig(),
+                 batched: Optional[bool] = None):
+        super().__init__()
+        self.space, self.inr_config, self.coord_config, self.batched = space, inr, coords, batched
+        specs: List[TensorSpec] = []
+        for layer in space.layers:
+            so = _uniform_repeat(layer.out, f"{layer.name} outputs")
+            si = _uniform_repeat(layer.inp, f"{layer.name} inputs")
+            specs.append(TensorSpec(len(specs), layer, False, so, si))
+            if layer.has_bias:
+                specs.append(TensorSpec(len(specs), layer, True, so, si))
+        self.specs = specs
+        self.out_dim = max(s.elements for s in specs)
+        self.fourier = FourierFeatures(inr.frequencies)
+        self.inr = BlockMLP(len(specs), self.fourier.out_dim(coords.dim), self.out_dim, inr)
+        for s in specs:
+            self.register_buffer(f"crop_{s.block}", _crop_index(s, self.out_dim), persistent=False)
+        # A fixed per-tensor output scale, so every block learns values of order one.
+        original = self.original_parameters()
+        full = space.full
+        scale = []
+        for s in specs:
+            w = original[s.name].detach().double()
+            fan = 1 if s.bias else space.layer_channels(s.layer, full)[0]
+            scale.append(max(float(w.std()) if w.numel() > 1 else float(w.abs().mean()), 1e-3) * fan)
+        self.register_buffer("output_scale", torch.tensor(scale, dtype=torch.float32))
+        self._coord_cache: Dict[tuple, list] = {}
+
+    # ----------------------------------------------------------------- helpers
+    def _apply(self, fn, *args, **kwargs):
+        """Keep the reference network on the same device/dtype as the INR."""
+        self.space.model._apply(fn, *args, **kwargs)
+        self._coord_cache.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.output_scale.device
+
+    def original_parameters(self) -> Dict[str, torch.Tensor]:
+        """The reference (folded, possibly permuted) weights the manifold reconstructs at full width."""
+        state = dict(self.space.model.named_parameters())
+        return {s.name: state[s.name] for s in self.specs}
+
+    def resolve(self, width: Width) -> Dict[str, int]:
+        return self.space.resolve(width)
+
+    def _coordinates(self, counts: Mapping[str, int]):
+        key = tuple(sorted(counts.items()))
+        if key not in self._coord_cache:
+            if len(self._coord_cache) > 64:
+                self._coord_cache.clear()
+            tables = []
+            for s in self.specs:
+                coords, noise = tensor_coordinates(self.space, s.layer, counts, s.bias, self.coord_config)
+                tables.append((coords.to(self.device), noise.to(self.device)))
+            self._coord_cache[key] = tables
+        return self._coord_cache[key]
+
+    def _rows_to_tensor(self, s: TensorSpec, rows: torch.Tensor, counts: Mapping[str, int]) -> torch.Tensor:
+        c_in, c_out = self.space.layer_channels(s.layer, counts)
+        if s.bias:
+            return rows.reshape(c_out * s.out_repeat)
+        kernel = s.layer.kernel
+        w = rows.reshape((c_out, c_in, s.out_repeat, s.in_repeat) + kernel)
+        w = w.transpose(1, 2).reshape((c_out * s.out_repeat, c_in * s.in_repeat) + kernel)
+        return w.transpose(0, 1) if s.layer.kind == "conv_transpose" else w
+
+    # ----------------------------------------------------------------- generation
+    def _tensor_to_rows(self, s: TensorSpec, w: torch.Tensor, counts: Mapping[str, int]) -> torch.Tensor:
+        """Inverse of ``_rows_to_tensor``: a parameter tensor as [rows, elements]."""
+        c_in, c_out = self.space.layer_channels(s.layer, counts)
+        if s.bias:
+            return w.reshape(c_out, s.out_repeat)
+        if s.layer.kind == "conv_transpose":
+            w = w.transpose(0, 1)
+        kernel = s.layer.kernel
+        w = w.reshape((c_out, s.out_repeat, c_in, s.in_repeat) + kernel).transpose(1, 2)
+        return w.reshape(c_out * c_in, s.elements)
+
+    def original_rows(self) -> List[torch.Tensor]:
+        """The reference weights in row layout, one [rows, elements] tensor per generated tensor."""
+        original, full = self.original_parameters(), self.space.full
+        return [self._tensor_to_rows(s, original[s.name].detach(), full) for s in self.specs]
+
+    def row_values(self, counts: Mapping[str, int], noise: bool = False,
+                   generator: Optional[torch.Generator] = None,
+                   rows: Optional[Sequence[torch.Tensor]] = None) -> List[torch.Tensor]:
+        """The INR's values for every tensor at ``counts`` as [rows, elements] (or only ``rows[i]``).
+
+        With ``noise``, every continuous coordinate is jittered by U(-a, a) (cross-model
+        smoothness); the layer label never is, and rows always go to their own tensor's block.
+        """
+        tables = self._coordinates(counts)
+        feats = []
+        for i, (coords, scale) in enumerate(tables):
+            if rows is not None:
+                coords = coords[rows[i]]
+            if noise and self.coord_config.noise > 0:
+                u = torch.rand(coords.shape, generator=generator, device="cpu" if generator else coords.device)
+                coords = coords + (2 * u.to(coords.device) - 1) * scale
+            feats.append(self.fourier(coords))
+        batched = self.batched if self.batched is not None else self.device.type == "cuda"
+        outputs = self.inr(feats, [s.block for s in self.specs], batched=batched)
+        values = []
+        for s, out in zip(self.specs, outputs):
+            v = out.index_select(1, getattr(self, f"crop_{s.block}")) * self.output_scale[s.block]
+            if not s.bias:
+                v = v / self.space.layer_channels(s.layer, counts)[0]
+            values.append(v)
+        return values
+
+    def generate(self, width: Width = 1.0, noise: bool = False,
+                 generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        """Differentiable parameters of the network at ``width`` (name -> tensor)."""
+        counts = width if _is_counts(width, self.space) else self.space.resolve(width)
+        values = self.row_values(counts, noise, generator)
+        return {s.name: self._rows_to_tensor(s, v, counts) for s, v in zip(self.specs, values)}
+
+    @torch.no_grad()
+    def expected_parameters(self, width: Width, samples: int = 50, seed: int = 0) -> Dict[str, torch.Tensor]:
+        """Weights averaged over ``samples`` noisy coordinate draws (Eq. 9 of the paper)."""
+        if samples < 1:
+            raise ValueError(f"samples must be >= 1, not {samples}")
+        counts = self.space.resolve(width) if not _is_counts(width, self.space) else width
+        if samples == 1 or self.coord_config.noise == 0:
+            return self.generate(counts, noise=False)
+        gen = torch.Generator().manual_seed(seed)
+        total = None
+        for _ in range(samples):
+            params = self.generate(counts, noise=True, generator=gen)
+            total = params if total is None else {k: total[k] + v for k, v in params.items()}
+        return {k: v / samples for k, v in total.items()}
+
+    @torch.no_grad()
+    def sample(self, width: Width = 1.0, samples: int = 50, seed: int = 0) -> nn.Module:
+        """A standalone network at ``width``: a multiplier of every morphable group (1.0 = full),
+        or ``{group: channels (int) or multiplier (float)}``. Widths above 1.0 extrapolate."""
+        counts = self.space.resolve(width)
+        if self.space.is_extrapolation(counts):
+            warnings.warn(f"width {width} is wider than the trained network: extrapolating outside the "
+                          f"trained range", stacklevel=2)
+        params = self.expected_parameters(counts, samples=samples, seed=seed)
+        module = self.space.build(counts)
+        for name, value in params.items():
+            mname, pname = name.rsplit(".", 1)
+            getattr(module.get_submodule(mname), pname).copy_(value)
+        module.neumeta_widths = dict(counts)
+        return module.to(self.device)
+
+    def save(self, path, extra: Optional[dict] = None):
+        """Write the manifold (INR + reference network + metadata) to one safetensors file."""
+        from .io import save_manifold
+        return save_manifold(self, path, extra)
+
+
+def _is_counts(width, space: WidthSpace) -> bool:
+    """True when ``width`` is already a full, resolved ``{group: int}`` dict."""
+    return isinstance(width, Mapping) and set(width) == set(space.groups) and \
+        all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in width.values())

@@ -1,0 +1,38 @@
+"""Plain supervised training of one network: the base model and the individual baselines."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+
+def train_supervised(model: torch.nn.Module, task, train_loader, epochs: int, lr: float = 1e-3,
+                     val_loader=None, device="cpu", progress: bool = True, desc: str = "train") -> List[Dict]:
+    """Adam at ``lr`` for ``epochs`` epochs; returns per-epoch validation metrics (if given)."""
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, not {epochs}")
+    model.to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    history = []
+    bar = tqdm(total=epochs * len(train_loader), desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
+    for epoch in range(epochs):
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
+        for batch in train_loader:
+            batch = [t.to(device) for t in batch]
+            loss = task.loss(model(batch[0]), batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        row: Dict = {"epoch": epoch + 1}
+        if val_loader is not None:
+            model.eval()
+            row.update({f"val_{k}": v for k, v in task.evaluate(model, val_loader, device).items()})
+            model.train()
+        history.append(row)
+    bar.close()
+    model.eval()
+    return history

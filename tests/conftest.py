@@ -1,0 +1,28 @@
+import pytest
+import torch
+
+import neumeta as nm
+
+FASHION = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def lenet():
+    return nm.create_model("lenet")
+
+
+@pytest.fixture
+def example():
+    return torch.randn(2, 1, 28, 28)
+
+
+@pytest.fixture
+def small_manifold(lenet, example):
+    """A LeNet manifold with a tiny INR, so tests stay fast."""
+    space = nm.WidthSpace(lenet, example)
+    return nm.WeightManifold(space, nm.INRConfig(hidden=32, depth=3, frequencies=4))

@@ -1,0 +1,61 @@
+"""The `neumeta` command: every option documented, YAML + flag precedence, sample end to end."""
+import argparse
+
+import pytest
+
+import neumeta as nm
+from neumeta.cli import COMMANDS, _add_options, load_config, main
+from neumeta.experiment import DemoConfig
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_option_has_help(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    parser = argparse.ArgumentParser()
+    _add_options(parser, COMMANDS[command][0])
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help and not action.help.startswith(" (default"), action.option_strings
+            assert action.option_strings[0] in text
+
+
+def _config(tmp_path, yaml_text, flags):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text)
+    parser = argparse.ArgumentParser()
+    _add_options(parser, DemoConfig)
+    return load_config(DemoConfig, parser.parse_args(["--config", str(path)] + flags))
+
+
+def test_yaml_then_flags(tmp_path):
+    c = _config(tmp_path, "epochs: 2\nfit: {steps: 10, lr: 0.01}\ncoords: {noise: 0.25}\n", ["--steps", "20", "--seed", "3"])
+    assert (c.epochs, c.fit.steps, c.fit.lr, c.coords.noise, c.fit.seed) == (2, 20, 0.01, 0.25, 3)
+
+
+def test_unknown_yaml_key_is_named(tmp_path):
+    with pytest.raises(SystemExit, match="stepz"):
+        _config(tmp_path, "fit: {stepz: 10}\n", [])
+
+
+def test_invalid_value_is_reported(tmp_path):
+    with pytest.raises(SystemExit, match="positions"):
+        _config(tmp_path, "coords: {positions: middle}\n", [])
+
+
+def test_sample_command_writes_a_loadable_network(small_manifold, tmp_path, capsys):
+    path = small_manifold.save(tmp_path / "m.neumeta")
+    out = tmp_path / "small.safetensors"
+    main(["sample", "--manifold", str(path), "--width", "conv1=4,fc1=0.5", "--samples", "2", "--out", str(out)])
+    printed = capsys.readouterr().out
+    model = nm.load_model(out)
+    assert model.conv1.out_channels == 4 and model.fc1.out_features == 64
+    assert f"{sum(p.numel() for p in model.parameters()):,}" in printed
+
+
+def test_sample_command_reports_bad_width(small_manifold, tmp_path, capsys):
+    path = small_manifold.save(tmp_path / "m.neumeta")
+    with pytest.raises(SystemExit):
+        main(["sample", "--manifold", str(path), "--width", "conv9=4"])
+    assert "conv9" in capsys.readouterr().err

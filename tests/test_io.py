@@ -1,0 +1,69 @@
+"""Files: manifolds and sampled networks survive a round trip; bad files are named."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import neumeta as nm
+
+
+def test_sampled_model_reloads_in_a_fresh_process(small_manifold, example, tmp_path):
+    module = small_manifold.sample({"conv1": 5, "fc1": 0.5}, samples=3)
+    path = nm.save_model(module, tmp_path / "small.safetensors")
+    torch.save(example, tmp_path / "x.pt")
+    expected = module(example)
+    script = textwrap.dedent(f"""
+        import torch
+        from neumeta.io import load_model
+        model = load_model({str(path)!r})
+        torch.save(model(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'y.pt')!r})
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True)
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected, rtol=0, atol=0)
+
+
+def test_manifold_round_trip(small_manifold, tmp_path):
+    path = small_manifold.save(tmp_path / "m.neumeta")
+    loaded = nm.load(path)
+    for width in (1.0, 0.5):
+        a, b = small_manifold.generate(width), loaded.generate(width)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert loaded.space.full == small_manifold.space.full
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_manifold_file_is_named(small_manifold, tmp_path, damage):
+    path = small_manifold.save(tmp_path / "m.neumeta")
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x07" * 100, "empty": b""}[damage])
+    with pytest.raises(ValueError, match="m.neumeta"):
+        nm.load(path)
+
+
+def test_wrong_kind_of_file_is_named(small_manifold, tmp_path):
+    path = nm.save_model(small_manifold.sample(0.5, samples=1), tmp_path / "net.safetensors")
+    with pytest.raises(ValueError, match="neumeta-manifold"):
+        nm.load(path)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.neumeta"):
+        nm.load(tmp_path / "nothing.neumeta")
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    from neumeta.io import atomic_write
+    target = tmp_path / "ckpt"
+    target.write_text("good")
+
+    def failing(tmp):
+        open(tmp, "w").write("half")
+        raise RuntimeError("crash while writing")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, failing)
+    assert target.read_text() == "good"
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
