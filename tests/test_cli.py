@@ -59,3 +59,17 @@ def test_sample_command_reports_bad_width(small_manifold, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["sample", "--manifold", str(path), "--width", "conv9=4"])
     assert "conv9" in capsys.readouterr().err
+
+
+def test_smooth_command_keeps_the_function(tmp_path, capsys):
+    import torch
+    model = nm.create_model("lenet")
+    src = nm.save_model(model, tmp_path / "base.safetensors")
+    out = tmp_path / "smooth.safetensors"
+    main(["smooth", "--model", str(src), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "conv1" in printed and "total" in printed
+    permuted = nm.load_model(out)
+    x = torch.randn(4, 1, 28, 28)
+    torch.testing.assert_close(permuted(x), model.eval()(x), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(permuted.fc1.weight, model.fc1.weight)

@@ -1,7 +1,8 @@
 """neumeta: Neural Metamorphosis — one implicit representation of a network family's weights.
 
     model = nm.create_model("lenet")
-    space = nm.WidthSpace(nm.fold_batchnorm(model), x)
+    model, report = nm.smooth(nm.fold_batchnorm(model), x)
+    space = nm.WidthSpace(model, x)
     manifold = nm.WeightManifold(space)
     nm.fit(manifold, task, train_loader, val_loader)
     small = manifold.sample(0.5)
@@ -13,6 +14,7 @@ from .inr import INRConfig
 from .io import load_manifold as load, load_model, save_model
 from .manifold import WeightManifold
 from .models import create_model, list_models, register_model
+from .smooth import SmoothReport, smooth, total_variation
 from .tasks import ClassificationTask
 from .train import FitConfig, FitResult, fit
 
@@ -21,5 +23,5 @@ __version__ = "0.1.0"
 __all__ = [
     "CoordConfig", "FitConfig", "FitResult", "INRConfig", "WeightManifold", "WidthSpace",
     "ClassificationTask", "create_model", "fit", "fold_batchnorm", "list_models", "load",
-    "load_model", "register_model", "save_model",
+    "load_model", "register_model", "save_model", "smooth", "SmoothReport", "total_variation",
 ]

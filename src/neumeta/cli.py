@@ -33,7 +33,7 @@ HELP = {
     "batch_size": "training batch size",
     "eval_batch_size": "batch size when evaluating",
     # base / individual training
-    "model": "registry name of the network (see `neumeta list-models`)",
+    "model": "registry name of the network (see `neumeta list-models`); for smooth also a model file",
     "epochs": "training epochs of the base model and of each individual baseline",
     "lr": "Adam learning rate of plain training (base model, individual baselines)",
     "seed": "random seed (data order, initialisation, width sampling)",
@@ -72,7 +72,9 @@ HELP = {
     "width": "a width multiplier (0.5), or exact channels/multipliers per group (conv1=8,fc1=0.5)",
     "widths": "width multipliers to evaluate",
     "samples": "noisy coordinate draws averaged per weight (the paper's K)",
+    "smooth": "reorder channels by the TSP smoothing permutation before fitting (same function, smoother weights)",
     "split": "which split to evaluate: val or test",
+    "input_shape": "shape of one input (without the batch), for tracing",
 }
 RENAME = {("fit", "lr"): "fit_lr"}
 SKIP = {("fit", "seed")}  # the command's own --seed sets it
@@ -95,6 +97,7 @@ class FitCommandConfig:
     out: str = "runs/manifold.neumeta"
     checkpoint: Optional[str] = None
     resume: bool = False
+    smooth: bool = True
     seed: int = 0
     device: str = "cpu"
     data: DataConfig = field(default_factory=DataConfig)
@@ -108,6 +111,14 @@ class SampleConfig:
     manifold: str = "runs/manifold.neumeta"
     width: str = "0.5"
     samples: int = 50
+    seed: int = 0
+    out: Optional[str] = None
+
+
+@dataclass
+class SmoothConfig:
+    model: str = "runs/base.safetensors"
+    input_shape: Sequence[int] = (1, 28, 28)
     seed: int = 0
     out: Optional[str] = None
 
@@ -230,7 +241,8 @@ def cmd_train_base(c: TrainBaseConfig) -> None:
 def cmd_fit(c: FitCommandConfig) -> None:
     data = load_data(c.data, c.seed)
     base = load_model(c.base).to(c.device)
-    manifold = build_manifold(base, data.example.to(c.device), c.inr, c.coords).to(c.device)
+    manifold = build_manifold(base, data.example.to(c.device), c.inr, c.coords, smoothing=c.smooth,
+                              seed=c.seed).to(c.device)
     checkpoint = c.checkpoint or f"{c.out}.ckpt"
     result = fit(manifold, data.task, data.train, data.val, c.fit, checkpoint=checkpoint, resume=c.resume)
     result.manifold.save(c.out, extra={"best_step": result.best_step, "history": result.history})
@@ -268,6 +280,26 @@ def cmd_eval(c: EvalConfig) -> None:
               f"{count_parameters(module):,} | {100 * score:.2f} |")
 
 
+def cmd_smooth(c: SmoothConfig) -> None:
+    import torch
+    from .models import create_model, list_models
+    from .smooth import smooth
+    if Path(c.model).is_file():
+        model = load_model(c.model)
+    elif c.model in list_models():
+        model = create_model(c.model)
+    else:
+        raise FileNotFoundError(f"--model {c.model!r} is neither a model file nor a registry name "
+                                f"({', '.join(list_models())})")
+    example = torch.zeros((2,) + tuple(c.input_shape))
+    permuted, report = smooth(model, example, seed=c.seed)
+    print(report.table())
+    out = c.out or (f"{Path(c.model).with_suffix('')}_smooth.safetensors" if Path(c.model).is_file()
+                    else f"{c.model}_smooth.safetensors")
+    save_model(permuted, out)
+    print(f"wrote {out}")
+
+
 def cmd_demo(c: DemoConfig) -> None:
     run_demo(c)
 
@@ -282,6 +314,7 @@ COMMANDS = {
     "fit": (FitCommandConfig, cmd_fit, "learn the weight manifold of a trained model"),
     "sample": (SampleConfig, cmd_sample, "write a standalone network of a requested width"),
     "eval": (EvalConfig, cmd_eval, "accuracy of networks sampled at several widths"),
+    "smooth": (SmoothConfig, cmd_smooth, "reorder channels to lower total variation (same function)"),
     "demo": (DemoConfig, cmd_demo, "LeNet / Fashion-MNIST end to end: manifold vs individual models"),
 }
 

@@ -16,7 +16,9 @@ import torch
 
 from .coords import CoordConfig
 from .data import TensorLoader, load_fashion_mnist
+from .fold import fold_batchnorm
 from .groups import WidthSpace
+from .smooth import smooth
 from .inr import INRConfig
 from .io import atomic_write, load_manifold, load_model, save_model
 from .manifold import WeightManifold
@@ -79,8 +81,15 @@ def train_base(model_name: str, data: Data, epochs: int, lr: float, seed: int, d
 
 
 def build_manifold(base: torch.nn.Module, example: torch.Tensor, inr: INRConfig = INRConfig(),
-                   coords: CoordConfig = CoordConfig(), groups=None) -> WeightManifold:
-    return WeightManifold(WidthSpace(base, example, groups=groups), inr, coords)
+                   coords: CoordConfig = CoordConfig(), groups=None, smoothing: bool = True,
+                   seed: int = 0, log=print) -> WeightManifold:
+    """fold -> (smooth) -> WidthSpace -> WeightManifold."""
+    model = fold_batchnorm(base, example)
+    if smoothing:
+        model, report = smooth(model, example, seed=seed, groups=groups)
+        log(f"smoothing permutation: total variation {report.tv_before:,.1f} -> {report.tv_after:,.1f} "
+            f"({report.seconds:.2f} s)")
+    return WeightManifold(WidthSpace(model, example, groups=groups), inr, coords)
 
 
 def count_parameters(module: torch.nn.Module) -> int:
@@ -96,6 +105,7 @@ class DemoConfig:
     seed: int = 0
     widths: Sequence[float] = (1.0, 0.75, 0.5, 0.25)
     samples: int = 50
+    smooth: bool = True
     out_dir: str = "runs/demo"
     device: str = "cpu"
     data: DataConfig = field(default_factory=DataConfig)
@@ -125,7 +135,8 @@ def run_demo(config: DemoConfig, progress: bool = True, log=print) -> Dict:
         manifold = load_manifold(manifold_path, map_location=config.device)
         log(f"manifold: loaded {manifold_path}")
     else:
-        manifold = build_manifold(base, data.example.to(config.device), config.inr, config.coords).to(config.device)
+        manifold = build_manifold(base, data.example.to(config.device), config.inr, config.coords,
+                                  smoothing=config.smooth, seed=config.seed, log=log).to(config.device)
         result = fit(manifold, data.task, data.train, data.val, config.fit, checkpoint=str(out / "fit.ckpt"),
                      resume=True, progress=progress)
         manifold = result.manifold

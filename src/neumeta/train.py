@@ -47,7 +47,9 @@ class FitConfig:
     per_group: bool = True       # each group draws its own width (else one shared multiplier)
     recon_weight: float = 10.0   # lambda_1
     recon_rows: float = 0.25     # fraction of full-width rows in each step's L_recon estimate
-    recon_noise: bool = False    # jitter coordinates in L_recon too (W0 is defined at exact centres)
+    recon_noise: bool = True     # jitter coordinates in L_recon too: the INR then learns each
+                                 # channel's value over its whole cell, which is what narrower
+                                 # widths read (off: full width fits, other widths fall to chance)
     l2_weight: float = 1e-4      # lambda_2
     ema: float = 0.995
     grad_clip: float = 1.0
