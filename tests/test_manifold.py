@@ -1,7 +1,6 @@
 """The INR: per-tensor routing, generated shapes, noise, sampling."""
 import torch
 
-import neumeta as nm
 from neumeta.coords import tensor_coordinates
 
 

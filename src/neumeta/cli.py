@@ -22,7 +22,7 @@ from .coords import CoordConfig
 from .experiment import DataConfig, DemoConfig, build_manifold, count_parameters, load_data, run_demo, train_base
 from .inr import INRConfig
 from .io import load_manifold, load_model, save_model
-from .train import FitConfig, evaluate_widths, fit
+from .train import FitConfig, fit
 
 HELP = {
     # data

@@ -10,7 +10,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -25,7 +25,7 @@ from .manifold import WeightManifold
 from .models import create_model
 from .supervised import train_supervised
 from .tasks import ClassificationTask
-from .train import FitConfig, fit
+from .train import FitConfig, rank_and_world, fit
 
 DATASETS = {"fashion-mnist": dict(loader=load_fashion_mnist, num_classes=10, input_shape=(1, 28, 28))}
 
@@ -53,7 +53,7 @@ def load_data(config: DataConfig, seed: int = 0) -> Data:
         raise KeyError(f"unknown dataset {config.dataset!r}; available: {', '.join(DATASETS)}")
     spec = DATASETS[config.dataset]
     splits = spec["loader"](data_dir=config.data_dir, val_size=config.val_size, seed=seed)
-    rank, world = _world()
+    rank, world = rank_and_world()
     return Data(
         train=TensorLoader(*splits.train, batch_size=config.batch_size, shuffle=True, seed=seed,
                            rank=rank, world_size=world),
@@ -62,13 +62,6 @@ def load_data(config: DataConfig, seed: int = 0) -> Data:
         task=ClassificationTask(spec["num_classes"]),
         example=splits.train[0][:2].clone(),
     )
-
-
-def _world():
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def train_base(model_name: str, data: Data, epochs: int, lr: float, seed: int, device="cpu",

@@ -1,7 +1,7 @@
 """Plain supervised training of one network: the base model and the individual baselines."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from tqdm.auto import tqdm

@@ -76,7 +76,8 @@ class FitResult:
     history: List[dict] = field(default_factory=list)
 
 
-def _world() -> tuple:
+def rank_and_world() -> tuple:
+    """(rank, world size) under torch.distributed, else (0, 1)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -160,7 +161,7 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
     ``train_loader`` yields batches whose first element is the network's input; ``task`` gives
     ``loss(outputs, batch)``, ``evaluate(fn, batches, device)``, ``metric`` (higher is better).
     """
-    rank, world = _world()
+    rank, world = rank_and_world()
     device = manifold.device
     torch.manual_seed(config.seed + rank)
     rng = random.Random(config.seed * 1000 + rank)
