@@ -52,6 +52,7 @@ HELP = {
     "recon_rows": "fraction of full-width weight rows used to estimate the reconstruction loss each step",
     "recon_noise": "jitter the coordinates in the reconstruction loss too",
     "l2_weight": "lambda_2: weight of the squared L2 norm of the generated weights",
+    "inplace_distill": "in-place distillation: the full width learns the labels, the sampled width its outputs",
     "ema": "decay of the exponential moving average of the INR used for evaluation",
     "grad_clip": "clip the INR's gradient norm to this (0 = off)",
     "eval_every": "validate (and checkpoint) every this many steps",

@@ -51,6 +51,8 @@ class FitConfig:
                                  # channel's value over its whole cell, which is what narrower
                                  # widths read (off: full width fits, other widths fall to chance)
     l2_weight: float = 1e-4      # lambda_2
+    inplace_distill: bool = False  # the full width also learns the task; its detached outputs
+                                   # teach the sampled width (KD) instead of the labels
     ema: float = 0.995
     grad_clip: float = 1.0
     eval_every: int = 500
@@ -103,6 +105,12 @@ def reconstruction_loss(manifold: WeightManifold, targets: Sequence[torch.Tensor
 
 def l2_loss(generated: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return sum(w.pow(2).sum() for w in generated.values())
+
+
+def inplace_distillation(task, student_outputs: torch.Tensor, teacher_outputs: torch.Tensor) -> torch.Tensor:
+    """The sampled width learns the generated full width's (detached) outputs, as in universally
+    slimmable networks; zero when both networks are the same."""
+    return task.distill(student_outputs, teacher_outputs.detach())
 
 
 def sample_widths(manifold: WeightManifold, config: FitConfig, rng: random.Random) -> Dict[str, int]:
@@ -218,8 +226,15 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
         else:
             counts = sample_widths(manifold, config, rng)
             params = manifold.generate(counts, noise=True)
-            task_loss = task.loss(functional_call(template, params, (batch[0],)), batch)
-            loss = task_loss + config.recon_weight * recon + config.l2_weight * l2_loss(params)
+            outputs = functional_call(template, params, (batch[0],))
+            if config.inplace_distill:
+                teacher = functional_call(template, manifold.generate(full, noise=True), (batch[0],))
+                task_loss = task.loss(teacher, batch)
+                loss = task_loss + inplace_distillation(task, outputs, teacher)
+            else:
+                task_loss = task.loss(outputs, batch)
+                loss = task_loss
+            loss = loss + config.recon_weight * recon + config.l2_weight * l2_loss(params)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"fit: non-finite loss {float(loss)} at step {step} (widths {counts})")
         optimizer.zero_grad(set_to_none=True)

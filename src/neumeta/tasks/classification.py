@@ -25,6 +25,11 @@ class ClassificationTask:
     def loss(self, outputs: torch.Tensor, batch: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return F.cross_entropy(outputs, batch[1])
 
+    def distill(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """KL(teacher || student) of the class distributions, averaged over the batch."""
+        return F.kl_div(F.log_softmax(student, 1), F.log_softmax(teacher, 1), log_target=True,
+                        reduction="batchmean")
+
     @torch.no_grad()
     def evaluate(self, model: Callable[[torch.Tensor], torch.Tensor],
                  batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], device="cpu") -> Dict[str, float]:
