@@ -22,7 +22,7 @@ from .smooth import smooth
 from .inr import INRConfig
 from .io import atomic_write, load_manifold, load_model, save_model
 from .manifold import WeightManifold
-from .models import create_model
+from .models import create_model, width_kwargs
 from .supervised import train_supervised
 from .tasks import ClassificationTask
 from .train import FitConfig, rank_and_world, fit
@@ -148,7 +148,7 @@ def run_demo(config: DemoConfig, progress: bool = True, log=print) -> Dict:
             if path.exists():
                 individual = load_model(path)
             else:
-                kwargs = dict(getattr(base, "neumeta_kwargs", {}), **counts)
+                kwargs = dict(getattr(base, "neumeta_kwargs", {}), **width_kwargs(config.model, counts))
                 individual = train_base(config.model, data, config.epochs, config.lr, config.seed,
                                         config.device, progress, desc=f"individual {width:g}", **kwargs)
                 save_model(individual, path)

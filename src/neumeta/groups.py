@@ -113,6 +113,16 @@ def _as_tuple(example_inputs) -> tuple:
     return tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
 
 
+def group_name(group, names: Dict[nn.Module, str]) -> str:
+    """A stable name for a torch-pruning group: the first module, in definition order, whose
+    output channels it holds (a residual stream is named after its first producer)."""
+    order = {m: i for i, m in enumerate(names)}
+    producers = [item.dep.target.module for item in group.items
+                 if item.dep.target.module in names and isinstance(item.dep.target.module, MORPHABLE_TYPES)
+                 and "out_channels" in getattr(item.dep.handler, "__name__", "")]
+    return names[min(producers, key=order.__getitem__)] if producers else names[group.items[0].dep.target.module]
+
+
 def _segments(owner: List[Optional[Tuple[str, int]]], where: str) -> Tuple[Segment, ...]:
     """Compress a per-position owner list into channel-major segments (or refuse)."""
     segments: List[Segment] = []
@@ -168,7 +178,7 @@ class WidthSpace:
         all_groups: Dict[str, ChannelGroup] = {}
         for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=MORPHABLE_TYPES):
             root = group.items[0]
-            gname = names[root.dep.target.module]
+            gname = group_name(group, names)
             size = len(root.idxs)
             members = []
             for item in group.items:

@@ -25,7 +25,7 @@ from .fold import fold_batchnorm
 from .groups import WidthSpace
 from .inr import INRConfig
 from .manifold import WeightManifold
-from .models import create_model
+from .models import create_model, width_kwargs
 
 MANIFOLD_FORMAT = "neumeta-manifold/1"
 MODEL_FORMAT = "neumeta-model/1"
@@ -133,7 +133,7 @@ def save_model(module: nn.Module, path) -> Path:
         raise ValueError("save_model needs a network built from the registry (create_model or sample); "
                          "for other networks use torch.save")
     kwargs = dict(getattr(module, "neumeta_kwargs", {}))
-    kwargs.update(getattr(module, "neumeta_widths", {}))
+    kwargs.update(width_kwargs(name, getattr(module, "neumeta_widths", {})))
     config = {"model": name, "model_kwargs": kwargs}
     meta = {"format": MODEL_FORMAT, "config": json.dumps(config)}
     return atomic_write(path, lambda tmp: save_file(_contiguous(module.state_dict()), tmp, metadata=meta))

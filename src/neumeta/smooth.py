@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from .groups import MORPHABLE_TYPES, _as_tuple, _flatten, _output_modules
+from .groups import MORPHABLE_TYPES, _as_tuple, _flatten, _output_modules, group_name
 from .tsp import path_length, solve_open_path
 
 __all__ = ["GroupTV", "SmoothReport", "TotalVariation", "smooth", "total_variation"]
@@ -219,7 +219,7 @@ def _trace(model: nn.Module, example_inputs, wanted: Optional[Sequence[str]]) ->
     claimed: Dict[Tuple[int, int], Dict[int, str]] = {}  # (tensor id, axis) -> position -> group
     plan = []
     for tp_group in tp_groups:
-        gname = names[tp_group.items[0].dep.target.module]
+        gname = group_name(tp_group, names)
         size = len(tp_group.items[0].idxs)
         slices, sets, members, seen = [], [], [], {}
         for item in tp_group.items:
