@@ -4,9 +4,7 @@ Prints a markdown table and writes it to benchmarks/results/smooth.md. Run from 
 
     PYTHONPATH=src python benchmarks/smooth.py
 
-Models: every registered model, and a CIFAR ResNet20 (3 stages of 3 basic blocks, 16/32/64
-channels, BatchNorm, 1x1-conv shortcuts where the shape changes, 32x32 input) defined here while
-the registry has none. Weights are PyTorch's random initialisation with randomised BatchNorm
+Models: every registered model (LeNet, CIFAR ResNet-20 and -56) at its default input shape. Weights are PyTorch's random initialisation with randomised BatchNorm
 statistics: channel order is then pure chance, as it is after training. "tracing" is the time of
 ``total_variation`` alone (copy, dependency graph, slices), the part of ``smooth`` that is not
 path search or the output check.
@@ -25,52 +23,15 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 try:
     import neumeta  # noqa: F401
 except ImportError:  # let the script run without PYTHONPATH=src as well
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from neumeta.models import create_model, list_models
+from neumeta.models import create_model, example_input, list_models
 from neumeta.smooth import smooth, total_variation
 
 REPEATS = 5
-EXAMPLE_SHAPES = {"lenet": (1, 28, 28)}
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                          nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class ResNet20(nn.Module):
-    def __init__(self, num_classes=10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        blocks, cin = [], 16
-        for cout, stride in ((16, 1), (32, 2), (64, 2)):
-            for b in range(3):
-                blocks.append(BasicBlock(cin, cout, stride if b == 0 else 1))
-                cin = cout
-        self.layers = nn.Sequential(*blocks)
-        self.fc = nn.Linear(64, num_classes)
-
-    def forward(self, x):
-        x = self.layers(F.relu(self.bn1(self.conv1(x))))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
 def randomise_batchnorm(model):
@@ -96,10 +57,7 @@ def best_of(fn, repeats=REPEATS):
 
 def models():
     for name in list_models():
-        if name not in EXAMPLE_SHAPES:
-            raise KeyError(f"add an example input shape for model {name!r} to EXAMPLE_SHAPES")
-        yield name, create_model(name), torch.randn(1, *EXAMPLE_SHAPES[name])
-    yield "resnet20 (defined here)", randomise_batchnorm(ResNet20()), torch.randn(1, 3, 32, 32)
+        yield name, randomise_batchnorm(create_model(name)), example_input(name, batch=1)
 
 
 def main():
