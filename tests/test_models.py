@@ -61,3 +61,10 @@ def test_sampled_network_round_trips_through_a_file(chain, tmp_path):
     small = manifold.sample(0.5, samples=1)
     loaded = nm.load_model(nm.save_model(small, tmp_path / "small.safetensors"))
     torch.testing.assert_close(loaded(x), small(x), rtol=0, atol=0)
+
+
+def test_unsampled_model_with_custom_widths_round_trips(tmp_path):
+    model = nm.create_model("resnet20", stages=(8, 16, 24)).eval()
+    x = example_input("resnet20")
+    loaded = nm.load_model(nm.save_model(model, tmp_path / "custom.safetensors"))
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)

@@ -133,7 +133,9 @@ def save_model(module: nn.Module, path) -> Path:
         raise ValueError("save_model needs a network built from the registry (create_model or sample); "
                          "for other networks use torch.save")
     kwargs = dict(getattr(module, "neumeta_kwargs", {}))
-    kwargs.update(width_kwargs(name, getattr(module, "neumeta_widths", {})))
+    widths = getattr(module, "neumeta_widths", None)
+    if widths:  # a sampled network: its widths replace the base model's width arguments
+        kwargs.update(width_kwargs(name, widths))
     config = {"model": name, "model_kwargs": kwargs}
     meta = {"format": MODEL_FORMAT, "config": json.dumps(config)}
     return atomic_write(path, lambda tmp: save_file(_contiguous(module.state_dict()), tmp, metadata=meta))

@@ -120,9 +120,6 @@ class WeightManifold(nn.Module):
         state = dict(self.space.model.named_parameters())
         return {s.name: state[s.name] for s in self.specs}
 
-    def resolve(self, width: Width) -> Dict[str, int]:
-        return self.space.resolve(width)
-
     def _coordinates(self, counts: Mapping[str, int]):
         key = tuple(sorted(counts.items()))
         if key not in self._coord_cache:
