@@ -1,4 +1,5 @@
 """Recipe options change training in the way they claim."""
+import pytest
 import torch
 from torch.func import functional_call
 
@@ -38,3 +39,166 @@ def test_fit_with_inplace_distillation_runs(small_manifold):
     nm.fit(small_manifold, nm.ClassificationTask(10), TensorLoader(x, y, batch_size=16), None, config,
            progress=False)
     assert any(not torch.equal(a, b) for a, b in zip(before, small_manifold.parameters()))
+
+
+# --------------------------------------------------------------------------- recipe options
+from neumeta.coords import tensor_coordinates  # noqa: E402
+from neumeta.train import DivergenceError, narrowest_widths, reconstruction_loss, task_loss_terms  # noqa: E402
+
+
+def _loader(n=32, batch=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return TensorLoader(torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g),
+                        batch_size=batch)
+
+
+def test_sandwich_rule_trains_the_narrowest_width_every_step(small_manifold, monkeypatch):
+    generated = []
+    original = small_manifold.generate
+    monkeypatch.setattr(small_manifold, "generate", lambda counts, **kw: generated.append(dict(counts))
+                        or original(counts, **kw))
+    joint = 6
+    for sandwich in (False, True):
+        generated.clear()
+        config = nm.FitConfig(steps=joint, prefit_steps=1, sandwich=sandwich, min_width=0.5, eval_every=100)
+        nm.fit(small_manifold, nm.ClassificationTask(10), _loader(), None, config, progress=False)
+        narrowest = narrowest_widths(small_manifold, config)
+        assert narrowest == {g: -(-size // 2) for g, size in small_manifold.space.full.items()}
+        hits = sum(c == narrowest for c in generated)
+        if sandwich:
+            assert hits >= joint and len(generated) == 2 * joint
+        else:
+            assert hits < joint and len(generated) == joint
+
+
+def test_original_distillation_adds_the_reference_networks_kl(small_manifold, example):
+    task = nm.ClassificationTask(10)
+    batch = (example, torch.tensor([1, 2]))
+    counts = small_manifold.space.resolve(0.5)
+    config = nm.FitConfig(original_distill=True)
+    reference = small_manifold.space.model(example)
+    torch.manual_seed(3)
+    plain, _ = task_loss_terms(small_manifold, task, batch, [counts], config, None)
+    torch.manual_seed(3)
+    with_teacher, _ = task_loss_terms(small_manifold, task, batch, [counts], config, reference)
+    torch.manual_seed(3)
+    student = torch.func.functional_call(small_manifold.space.model, small_manifold.generate(counts, noise=True),
+                                         (example,))
+    extra = task.distill(student, reference)
+    assert extra.item() > 0
+    torch.testing.assert_close(with_teacher - plain, extra)
+
+
+def test_fit_with_original_distillation_and_sandwich_runs(small_manifold):
+    config = nm.FitConfig(steps=3, prefit_steps=1, original_distill=True, sandwich=True, inplace_distill=True,
+                          eval_every=100)
+    before = [p.clone() for p in small_manifold.parameters()]
+    nm.fit(small_manifold, nm.ClassificationTask(10), _loader(), None, config, progress=False)
+    assert any(not torch.equal(a, b) for a, b in zip(before, small_manifold.parameters()))
+
+
+def test_reconstruction_sum_is_the_mean_times_the_elements(small_manifold):
+    targets = small_manifold.original_rows()
+    torch.manual_seed(0)
+    mean = reconstruction_loss(small_manifold, targets, 1.0, noise=False, reduction="mean")
+    summed = reconstruction_loss(small_manifold, targets, 1.0, noise=False, reduction="sum")
+    values = small_manifold.row_values(small_manifold.space.full, noise=False)
+    by_hand_mean, by_hand_sum = 0.0, 0.0
+    for v, t in zip(values, targets):
+        err = (v - t) ** 2 * (1 + t ** 2 / (t ** 2).mean())
+        by_hand_mean, by_hand_sum = by_hand_mean + err.mean(), by_hand_sum + err.sum()
+    torch.testing.assert_close(mean, by_hand_mean)
+    torch.testing.assert_close(summed, by_hand_sum)
+    assert summed > 10 * mean
+
+
+def test_paper_preset_uses_the_papers_coordinates_exactly(lenet, example):
+    fit_config, coords = nm.recipe("paper")
+    assert (fit_config.recon_weight, fit_config.recon_reduction, fit_config.l2_weight) == (1.0, "sum", 1e-4)
+    assert not (fit_config.inplace_distill or fit_config.sandwich or fit_config.original_distill)
+    space = nm.WidthSpace(lenet, example)
+    counts = space.resolve(0.5)
+    layer = space.layers[1]  # conv2: C_in = conv1's channels, C_out = conv2's
+    c_in, c_out = space.layer_channels(layer, counts)
+    rows, _ = tensor_coordinates(space, layer, counts, bias=False, config=coords)
+    L, N = len(space.layers), space.max_channels
+    expected = torch.tensor([[1 / L, i / c_in, o / c_out, L / N, c_in / N, c_out / N]
+                             for o in range(c_out) for i in range(c_in)])
+    torch.testing.assert_close(rows, expected)
+    default_rows, _ = tensor_coordinates(space, layer, counts, bias=False, config=nm.recipe("default")[1])
+    assert default_rows.shape[1] == 3  # the default drops the size terms and uses cell centres
+    torch.testing.assert_close(default_rows[:, 1], (expected[:, 1] * c_in + 0.5) / c_in)
+
+
+def test_cli_recipe_sits_under_yaml_and_flags(tmp_path):
+    import argparse
+    from neumeta.cli import FitCommandConfig, load_config
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("recipe: paper\nfit: {recon_weight: 3.0}\n")
+    args = argparse.Namespace(config=str(yaml_file), **{"fit.warmup": 0.2})
+    config = load_config(FitCommandConfig, args)
+    assert config.coords.size_terms and config.coords.positions == "index"  # from the recipe
+    assert config.fit.recon_weight == 3.0 and config.fit.warmup == 0.2  # YAML and flag win
+    with pytest.raises(SystemExit, match="unknown recipe 'nope'"):
+        load_config(FitCommandConfig, argparse.Namespace(config=None, recipe="nope"))
+
+
+# --------------------------------------------------------------------------- divergence guard
+class _ScriptedTask(nm.ClassificationTask):
+    """Injects failures: a NaN loss at given training calls, and scripted validation accuracies."""
+
+    def __init__(self, nan_calls=(), scores=None):
+        super().__init__(10)
+        self.nan_calls, self.scores, self.calls, self.evals = set(nan_calls), list(scores or []), 0, 0
+
+    def loss(self, outputs, batch):
+        self.calls += 1
+        value = super().loss(outputs, batch)
+        return value * float("nan") if self.calls in self.nan_calls else value
+
+    def evaluate(self, model, batches, device="cpu"):
+        real = super().evaluate(model, batches, device)
+        if self.evals < len(self.scores):
+            real["accuracy"] = self.scores[self.evals]
+        self.evals += 1
+        return real
+
+
+def _fit(manifold, task, tmp_path, steps=12, **kw):
+    config = nm.FitConfig(steps=steps, prefit_steps=2, eval_every=4, eval_widths=(1.0, 0.5), **kw)
+    ckpt = tmp_path / "fit.ckpt"
+    return nm.fit(manifold, task, _loader(), _loader(16, 16, seed=1), config, checkpoint=str(ckpt),
+                  progress=False), ckpt
+
+
+def test_guard_rolls_back_on_a_nan_and_finishes(small_manifold, tmp_path):
+    result, ckpt = _fit(small_manifold, _ScriptedTask(nan_calls={5}), tmp_path)  # loss call 5 = step 6
+    assert len(result.rollbacks) == 1 and "non-finite" in result.rollbacks[0]["why"]
+    assert result.rollbacks[0]["to_step"] == 4  # the last validated state
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["state"]["step"] == 14  # finished
+    assert saved["scheduler"]["base_lrs"][0] == pytest.approx(0.5e-3)  # lower learning rate after the rollback
+    assert all(torch.isfinite(p).all() for p in result.manifold.parameters())
+
+
+def test_guard_rolls_back_on_a_collapse_and_never_keeps_it(small_manifold, tmp_path):
+    # evaluations (2 widths each) at steps 4, 8, 12, 14: width 1.0 falls to chance at step 8 once
+    scores = [0.8, 0.7, 0.1, 0.7, 0.81, 0.71, 0.82, 0.72, 0.83, 0.73]
+    result, ckpt = _fit(small_manifold, _ScriptedTask(scores=scores), tmp_path)
+    assert len(result.rollbacks) == 1 and "width 1" in result.rollbacks[0]["why"]
+    assert result.rollbacks[0]["step"] == 8 and result.rollbacks[0]["to_step"] == 4
+    assert all(row["val_accuracy@1"] > 0.5 for row in result.history)  # the collapsed evaluation is not kept
+
+
+def test_guard_gives_up_and_leaves_the_last_good_checkpoint(small_manifold, tmp_path):
+    scores = [0.8, 0.7] + [0.1, 0.7] * 10  # collapses at every evaluation after the first
+    with pytest.raises(DivergenceError, match=r"step 8.*width 1.*3 rollbacks"):
+        _, ckpt = _fit(small_manifold, _ScriptedTask(scores=scores), tmp_path, guard_retries=3)
+    saved = torch.load(tmp_path / "fit.ckpt", weights_only=False)
+    assert saved["state"]["step"] == 4 and saved["state"]["best_step"] == 4
+    assert [row["step"] for row in saved["state"]["history"]] == [4]
+
+
+def test_without_the_guard_a_nan_stops_at_once(small_manifold, tmp_path):
+    with pytest.raises(DivergenceError, match="step 6.*guard is off"):
+        _fit(small_manifold, _ScriptedTask(nan_calls={5}), tmp_path, guard=False)

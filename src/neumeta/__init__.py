@@ -14,14 +14,15 @@ from .inr import INRConfig
 from .io import load_manifold as load, load_model, save_model
 from .manifold import WeightManifold
 from .models import create_model, list_models, register_model
+from .recipes import recipe
 from .smooth import SmoothReport, smooth, total_variation
 from .tasks import ClassificationTask
-from .train import FitConfig, FitResult, fit
+from .train import DivergenceError, FitConfig, FitResult, fit
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CoordConfig", "FitConfig", "FitResult", "INRConfig", "WeightManifold", "WidthSpace",
+    "CoordConfig", "DivergenceError", "FitConfig", "FitResult", "INRConfig", "WeightManifold", "WidthSpace",
     "ClassificationTask", "create_model", "fit", "fold_batchnorm", "list_models", "load",
-    "load_model", "register_model", "save_model", "smooth", "SmoothReport", "total_variation",
+    "load_model", "recipe", "register_model", "save_model", "smooth", "SmoothReport", "total_variation",
 ]

@@ -18,10 +18,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from .analysis.recipe_benchmark import RecipeBenchmarkConfig, run as recipe_benchmark
 from .coords import CoordConfig
 from .experiment import DataConfig, DemoConfig, build_manifold, count_parameters, load_data, run_demo, train_base
 from .inr import INRConfig
 from .io import load_manifold, load_model, save_model
+from .recipes import RECIPES, merge_recipe
 from .train import FitConfig, fit
 
 HELP = {
@@ -32,6 +34,7 @@ HELP = {
     "val_size": "training images held out for validation (model selection); the test split is only for final tables",
     "batch_size": "training batch size",
     "eval_batch_size": "batch size when evaluating",
+    "train_size": "use only the first N training images (smoke runs; default: all)",
     # base / individual training
     "model": "registry name of the network (see `neumeta list-models`); for smooth also a model file",
     "epochs": "training epochs of the base model and of each individual baseline",
@@ -53,6 +56,18 @@ HELP = {
     "recon_noise": "jitter the coordinates in the reconstruction loss too",
     "l2_weight": "lambda_2: weight of the squared L2 norm of the generated weights",
     "inplace_distill": "in-place distillation: the full width learns the labels, the sampled width its outputs",
+    "sandwich": "sandwich rule: the narrowest width of the range is also trained every step",
+    "original_distill": "the reference (pre-trained) network's outputs also teach every trained width (KD)",
+    "recon_reduction": "reconstruction loss per tensor: mean over elements, or sum (the paper's squared norms)",
+    "guard": "divergence guard: roll back to the last good checkpoint on NaN/inf or a collapse to chance",
+    "guard_retries": "rollbacks before fit stops with an error",
+    "guard_lr_factor": "learning-rate multiplier at each rollback",
+    "collapse_margin": "a width counts as collapsed at metric <= chance + margin * (1 - chance)",
+    "quick": "one seed and a short schedule (a smoke run in minutes; not for conclusions)",
+    "seeds": "seeds: each trains its own base and individual models and fits every variant",
+    "variants": "variant names to run (default: all; see neumeta.analysis.recipe_benchmark.variants)",
+    "results": "path stem of the written table (.md), raw numbers (.json) and plot (.png)",
+    "recipe": "named recipe under the other options: default (chosen on validation) or paper (as published)",
     "ema": "decay of the exponential moving average of the INR used for evaluation",
     "grad_clip": "clip the INR's gradient norm to this (0 = off)",
     "eval_every": "validate (and checkpoint) every this many steps",
@@ -99,6 +114,7 @@ class FitCommandConfig:
     checkpoint: Optional[str] = None
     resume: bool = False
     smooth: bool = True
+    recipe: str = "default"
     seed: int = 0
     device: str = "cpu"
     data: DataConfig = field(default_factory=DataConfig)
@@ -211,6 +227,10 @@ def load_config(cls, args: argparse.Namespace):
     for dest, value in vars(args).items():
         if dest not in ("config", "command", "func"):
             _set(values, dest.split("."), value)
+    if "recipe" in {f.name for f in dataclasses.fields(cls)}:
+        if values.get("recipe", "default") not in RECIPES:
+            raise SystemExit(f"error: unknown recipe {values['recipe']!r}; available: {', '.join(RECIPES)}")
+        values = merge_recipe(values)  # the recipe, then the YAML file, then flags
     config = _build(cls, values, getattr(args, "config", None) or "options")
     if hasattr(config, "fit") and hasattr(config, "seed"):
         config.fit.seed = config.seed
@@ -305,6 +325,12 @@ def cmd_demo(c: DemoConfig) -> None:
     run_demo(c)
 
 
+def cmd_recipe_benchmark(c: RecipeBenchmarkConfig) -> None:
+    if c.quick and tuple(c.seeds) == (0, 1, 2):
+        c.seeds = (0,)
+    recipe_benchmark(c)
+
+
 def cmd_list_models(_args) -> None:
     from .models import list_models
     print("\n".join(list_models()))
@@ -317,6 +343,8 @@ COMMANDS = {
     "eval": (EvalConfig, cmd_eval, "accuracy of networks sampled at several widths"),
     "smooth": (SmoothConfig, cmd_smooth, "reorder channels to lower total variation (same function)"),
     "demo": (DemoConfig, cmd_demo, "LeNet / Fashion-MNIST end to end: manifold vs individual models"),
+    "recipe-benchmark": (RecipeBenchmarkConfig, cmd_recipe_benchmark,
+                         "every recipe variant over seeds against individual models (table + plot)"),
 }
 
 

@@ -37,6 +37,7 @@ class DataConfig:
     val_size: int = 5000
     batch_size: int = 128
     eval_batch_size: int = 1000
+    train_size: Optional[int] = None  # use only this many training images (smoke runs, tests)
 
 
 @dataclass
@@ -54,8 +55,9 @@ def load_data(config: DataConfig, seed: int = 0) -> Data:
     spec = DATASETS[config.dataset]
     splits = spec["loader"](data_dir=config.data_dir, val_size=config.val_size, seed=seed)
     rank, world = rank_and_world()
+    train = splits.train if config.train_size is None else tuple(t[:config.train_size] for t in splits.train)
     return Data(
-        train=TensorLoader(*splits.train, batch_size=config.batch_size, shuffle=True, seed=seed,
+        train=TensorLoader(*train, batch_size=config.batch_size, shuffle=True, seed=seed,
                            rank=rank, world_size=world),
         val=TensorLoader(*splits.val, batch_size=config.eval_batch_size, shuffle=False),
         test=TensorLoader(*splits.test, batch_size=config.eval_batch_size, shuffle=False),
@@ -65,11 +67,14 @@ def load_data(config: DataConfig, seed: int = 0) -> Data:
 
 
 def train_base(model_name: str, data: Data, epochs: int, lr: float, seed: int, device="cpu",
-               progress: bool = True, desc: str = "base", **model_kwargs) -> torch.nn.Module:
-    """Train one network from scratch (the base model, or an individual baseline)."""
+               progress: bool = True, desc: str = "base", keep_best: bool = False,
+               **model_kwargs) -> torch.nn.Module:
+    """Train one network from scratch (the base model, or an individual baseline); ``keep_best``
+    keeps its best epoch on the validation split."""
     torch.manual_seed(seed)
     model = create_model(model_name, **model_kwargs)
-    train_supervised(model, data.task, data.train, epochs, lr, device=device, progress=progress, desc=desc)
+    train_supervised(model, data.task, data.train, epochs, lr, val_loader=data.val if keep_best else None,
+                     device=device, progress=progress, desc=desc, keep_best=keep_best)
     return model
 
 
@@ -99,6 +104,8 @@ class DemoConfig:
     widths: Sequence[float] = (1.0, 0.75, 0.5, 0.25)
     samples: int = 50
     smooth: bool = True
+    recipe: str = "default"      # CLI/YAML: named recipe under the fit/coords options; in Python
+                                 # build fit/coords with nm.recipe(name) instead
     out_dir: str = "runs/demo"
     device: str = "cpu"
     data: DataConfig = field(default_factory=DataConfig)

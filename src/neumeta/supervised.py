@@ -8,8 +8,16 @@ from tqdm.auto import tqdm
 
 
 def train_supervised(model: torch.nn.Module, task, train_loader, epochs: int, lr: float = 1e-3,
-                     val_loader=None, device="cpu", progress: bool = True, desc: str = "train") -> List[Dict]:
-    """Adam at ``lr`` for ``epochs`` epochs; returns per-epoch validation metrics (if given)."""
+                     val_loader=None, device="cpu", progress: bool = True, desc: str = "train",
+                     keep_best: bool = False) -> List[Dict]:
+    """Adam at ``lr`` for ``epochs`` epochs; returns per-epoch validation metrics (if given).
+
+    ``keep_best`` (needs ``val_loader``) leaves the model at its best validation epoch, the same
+    checkpoint selection a manifold gets.
+    """
+    if keep_best and val_loader is None:
+        raise ValueError("keep_best needs a val_loader")
+    best_score, best_state = -float("inf"), None
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, not {epochs}")
     model.to(device).train()
@@ -32,7 +40,12 @@ def train_supervised(model: torch.nn.Module, task, train_loader, epochs: int, lr
             model.eval()
             row.update({f"val_{k}": v for k, v in task.evaluate(model, val_loader, device).items()})
             model.train()
+            if keep_best and row[f"val_{task.metric}"] > best_score:
+                best_score = row[f"val_{task.metric}"]
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         history.append(row)
     bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
     model.eval()
     return history

@@ -3,18 +3,31 @@
 Each step samples one width configuration, generates that network's weights, runs the batch
 through it with ``torch.func.functional_call`` and minimises
 
-    task loss + recon_weight * L_recon + l2_weight * L_l2
+    L_task + recon_weight * L_recon + l2_weight * L_l2
 
-    L_recon = sum over tensors t of mean_elements[(W_t - W0_t)^2 * (1 + W0_t^2 / mean(W0_t^2))]
-              (generated full-width weights W against the reference weights W0; the factor
-              weighs large weights more, the paper's ||W0||^2 weighting made per element;
-              each step estimates it on a random ``recon_rows`` fraction of the rows)
-    L_l2    = sum over tensors of sum(W^2) of the sampled width's generated weights
+    L_recon = sum over tensors t of R_t[(W_t - W0_t)^2 * (1 + W0_t^2 / mean(W0_t^2))]
+              R_t = mean over the tensor's elements (recon_reduction="mean", the default)
+                    or their sum ("sum", the paper's squared norms); W are the generated
+              full-width weights, W0 the reference weights; the factor weighs large weights
+              more, the paper's ||W0||^2 weighting made per element; each step estimates it on
+              a random ``recon_rows`` fraction of the rows (scaled to stay unbiased for "sum")
+    L_l2    = sum over tensors of sum(W^2) of every trained width's generated weights
+    L_task  = for each trained width s (the sampled one, and the narrowest one of the range
+              with ``sandwich``):
+                  CE(f_s, y)                       plain
+                  KL(f_full || f_s) + CE(f_full, y) in-place distillation (the full width
+                                                   learns the labels, once per step)
+              plus KL(f_original || f_s) with ``original_distill``
 
 Adam with a constant-LR reconstruction-only pre-fit, then a linear warm-up and a cosine
 decay; an EMA of the INR is what gets evaluated and returned. Checkpoints are written
 atomically at every evaluation and ``resume=True`` continues from them. Under torchrun the
 gradients are averaged over processes and rank 0 alone writes and prints.
+
+The divergence guard keeps the last good state (in memory, and the checkpoint on disk): a
+non-finite loss, or a validation score that falls to chance at any evaluated width, rolls
+training back to it with the learning rate multiplied by ``guard_lr_factor``; after
+``guard_retries`` rollbacks ``fit`` stops with ``DivergenceError`` naming the step and width.
 """
 from __future__ import annotations
 
@@ -22,6 +35,7 @@ import copy
 import dataclasses
 import math
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence
@@ -50,9 +64,17 @@ class FitConfig:
     recon_noise: bool = True     # jitter coordinates in L_recon too: the INR then learns each
                                  # channel's value over its whole cell, which is what narrower
                                  # widths read (off: full width fits, other widths fall to chance)
+    recon_reduction: str = "mean"  # "mean" per element of each tensor, or "sum" (the paper's norms)
     l2_weight: float = 1e-4      # lambda_2
     inplace_distill: bool = False  # the full width also learns the task; its detached outputs
                                    # teach the sampled width (KD) instead of the labels
+    sandwich: bool = False       # also train the narrowest width of the range every step
+    original_distill: bool = False  # the reference (pre-trained) network's outputs also teach
+                                    # every trained width (KD)
+    guard: bool = True           # roll back on NaN/inf or a collapse to chance
+    guard_retries: int = 3       # rollbacks before giving up
+    guard_lr_factor: float = 0.5  # learning rate multiplier at each rollback
+    collapse_margin: float = 0.05  # "at chance": metric <= chance + margin * (1 - chance)
     ema: float = 0.995
     grad_clip: float = 1.0
     eval_every: int = 500
@@ -67,7 +89,15 @@ class FitConfig:
             raise ValueError("steps and prefit_steps must be >= 0")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema must be in [0, 1), not {self.ema}")
+        if self.recon_reduction not in ("mean", "sum"):
+            raise ValueError(f"recon_reduction must be 'mean' or 'sum', not {self.recon_reduction!r}")
+        if not 0 < self.guard_lr_factor < 1:
+            raise ValueError(f"guard_lr_factor must be in (0, 1), not {self.guard_lr_factor}")
         self.eval_widths = tuple(float(w) for w in self.eval_widths)
+
+
+class DivergenceError(RuntimeError):
+    """``fit`` kept diverging (non-finite loss or collapse to chance) after every rollback."""
 
 
 @dataclass
@@ -76,6 +106,8 @@ class FitResult:
     best_score: float
     best_step: int
     history: List[dict] = field(default_factory=list)
+    rollbacks: List[dict] = field(default_factory=list)  # the divergence guard's interventions
+    step_seconds: float = float("nan")  # mean wall time of a joint (post-pre-fit) step
 
 
 def rank_and_world() -> tuple:
@@ -86,7 +118,7 @@ def rank_and_world() -> tuple:
 
 
 def reconstruction_loss(manifold: WeightManifold, targets: Sequence[torch.Tensor], fraction: float = 1.0,
-                        noise: bool = True) -> torch.Tensor:
+                        noise: bool = True, reduction: str = "mean") -> torch.Tensor:
     """L_recon at full width, estimated on a random ``fraction`` of each tensor's rows (unbiased)."""
     full = manifold.space.full
     rows = None
@@ -97,9 +129,12 @@ def reconstruction_loss(manifold: WeightManifold, targets: Sequence[torch.Tensor
     total = 0.0
     for i, (v, t) in enumerate(zip(values, targets)):
         energy = t.pow(2).mean().clamp_min(1e-12)
+        scale = 1.0
         if rows is not None:
+            scale = t.shape[0] / len(rows[i])
             t = t[rows[i]]
-        total = total + ((v - t).pow(2) * (1 + t.pow(2) / energy)).mean()
+        err = (v - t).pow(2) * (1 + t.pow(2) / energy)
+        total = total + (err.mean() if reduction == "mean" else err.sum() * scale)
     return total
 
 
@@ -111,6 +146,11 @@ def inplace_distillation(task, student_outputs: torch.Tensor, teacher_outputs: t
     """The sampled width learns the generated full width's (detached) outputs, as in universally
     slimmable networks; zero when both networks are the same."""
     return task.distill(student_outputs, teacher_outputs.detach())
+
+
+def narrowest_widths(manifold: WeightManifold, config: FitConfig) -> Dict[str, int]:
+    """The sandwich rule's lower slice: every group at the narrowest width of the range."""
+    return {name: max(1, math.ceil(size * config.min_width - 1e-9)) for name, size in manifold.space.full.items()}
 
 
 def sample_widths(manifold: WeightManifold, config: FitConfig, rng: random.Random) -> Dict[str, int]:
@@ -162,12 +202,39 @@ def _schedule(config: FitConfig):
     return factor
 
 
+def task_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence[Mapping[str, int]],
+                    config: FitConfig, original_outputs=None):
+    """(task part of the loss, L_l2 part) for one step's trained widths; see the module docstring."""
+    template = manifold.space.model
+    x = batch[0]
+    loss, l2 = 0.0, 0.0
+    teacher = None
+    if config.inplace_distill:
+        full = manifold.generate(manifold.space.full, noise=True)
+        teacher = functional_call(template, full, (x,))
+        loss = task.loss(teacher, batch)
+    for counts in counts_list:
+        params = manifold.generate(counts, noise=True)
+        outputs = functional_call(template, params, (x,))
+        loss = loss + (inplace_distillation(task, outputs, teacher) if teacher is not None
+                       else task.loss(outputs, batch))
+        if original_outputs is not None:
+            loss = loss + task.distill(outputs, original_outputs)
+        l2 = l2 + l2_loss(params)
+    return loss, l2
+
+
+def _is_collapsed(score: float, chance: float, margin: float) -> bool:
+    return score <= chance + margin * (1 - chance)
+
+
 def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: FitConfig = FitConfig(),
         checkpoint: Optional[str] = None, resume: bool = False, progress: bool = True) -> FitResult:
     """Train ``manifold`` on ``task``; returns the best EMA manifold on the validation data.
 
     ``train_loader`` yields batches whose first element is the network's input; ``task`` gives
-    ``loss(outputs, batch)``, ``evaluate(fn, batches, device)``, ``metric`` (higher is better).
+    ``loss(outputs, batch)``, ``distill(student, teacher)``, ``evaluate(fn, batches, device)``,
+    ``metric`` (higher is better) and ``chance`` (the metric of a network that guesses).
     """
     rank, world = rank_and_world()
     device = manifold.device
@@ -182,61 +249,109 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
     optimizer = torch.optim.Adam(manifold.parameters(), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     total = config.prefit_steps + config.steps
-    state = {"step": 0, "best_score": -math.inf, "best_step": -1, "best": None, "history": []}
+    state = {"step": 0, "best_score": -math.inf, "best_step": -1, "best": None, "history": [],
+             "rollbacks": [], "last_scores": {}, "joint_seconds": 0.0, "joint_steps": 0}
+    chance = getattr(task, "chance", None)
 
-    if resume and checkpoint and Path(checkpoint).exists():
-        saved = torch.load(checkpoint, map_location=device, weights_only=False)
+    def capture() -> dict:
+        return copy.deepcopy({"inr": manifold.state_dict(), "ema": ema.state_dict(),
+                              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                              "rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "state": state})
+
+    def restore(saved: dict):
         manifold.load_state_dict(saved["inr"])
         ema.load_state_dict(saved["ema"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         rng.setstate(saved["rng"])
         torch.set_rng_state(saved["torch_rng"])
-        state = saved["state"]
+        state.clear()
+        state.update(copy.deepcopy(saved["state"]))
 
-    def evaluate_and_save(step: int):
+    if resume and checkpoint and Path(checkpoint).exists():
+        restore(torch.load(checkpoint, map_location=device, weights_only=False))
+    good = capture()  # the divergence guard's rollback point
+
+    def rollback(step: int, why: str):
+        """Back to the last good state with a lower learning rate, or stop for good."""
+        nonlocal good, batches
+        if not config.guard or len(state["rollbacks"]) >= config.guard_retries:
+            raise DivergenceError(
+                f"fit diverged at step {step}: {why}"
+                + (f"; {len(state['rollbacks'])} rollbacks with a lower learning rate did not help "
+                   f"(last good checkpoint: step {good['state']['step']}"
+                   + (f", {checkpoint}" if checkpoint else "") + ")" if config.guard else
+                   " (the divergence guard is off)"))
+        events = state["rollbacks"] + [{"step": step, "to_step": good["state"]["step"], "why": why}]
+        restore(good)
+        state["rollbacks"] = events
+        scheduler.base_lrs = [lr * config.guard_lr_factor for lr in scheduler.base_lrs]
+        for group, lr in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["initial_lr"] = lr
+            group["lr"] = lr * scheduler.lr_lambdas[0](state["step"])
+        good = capture()
+        batches = _batches(train_loader, state["step"])
+        if rank == 0 and progress:
+            tqdm.write(f"divergence guard: {why} at step {step}; back to step {state['step']} with "
+                       f"learning rate x{config.guard_lr_factor:g} ({len(events)}/{config.guard_retries})")
+
+    def evaluate_and_save(step: int) -> Optional[str]:
+        """Validate, keep the best, write the checkpoint; returns why the run collapsed, if it did."""
+        nonlocal good
         if val_loader is not None:
             scores = evaluate_widths(ema, task, val_loader, config.eval_widths, config.eval_samples, device)
-            row = {"step": step, **{f"val_{task.metric}@{w:g}": m[task.metric] for w, m in scores.items()}}
-            score = sum(m[task.metric] for m in scores.values()) / len(scores)
+            values = {w: m[task.metric] for w, m in scores.items()}
+            row = {"step": step, **{f"val_{task.metric}@{w:g}": v for w, v in values.items()}}
+            if rank == 0 and progress:
+                tqdm.write("step %d: " % step + ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "step"))
+            if config.guard and chance is not None:
+                for w, v in values.items():
+                    before = state["last_scores"].get(w)
+                    if (not math.isfinite(v) or (before is not None and _is_collapsed(v, chance, config.collapse_margin)
+                                                 and not _is_collapsed(before, chance, config.collapse_margin))):
+                        was = "" if before is None else f", was {before:.4f}"
+                        return f"validation {task.metric} at width {w:g} fell to {v:.4f} (chance {chance:.4f}{was})"
+            state["last_scores"] = values
+            score = sum(values.values()) / len(values)
             state["history"].append(row)
             if score > state["best_score"]:
                 state.update(best_score=score, best_step=step,
                              best={k: v.detach().clone() for k, v in ema.state_dict().items()})
-            if rank == 0 and progress:
-                tqdm.write("step %d: " % step + ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "step"))
         state["step"] = step
+        good = capture()
         if checkpoint and rank == 0:
-            payload = {"inr": manifold.state_dict(), "ema": ema.state_dict(),
-                       "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                       "rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "state": state,
-                       "config": dataclasses.asdict(config)}
+            payload = dict(good, config=dataclasses.asdict(config))
             atomic_write(checkpoint, lambda tmp: torch.save(payload, tmp))
+        return None
 
+    original_outputs = None
     batches = _batches(train_loader, state["step"])
-    bar = tqdm(range(state["step"], total), initial=state["step"], total=total, desc="fit",
-               disable=not progress or rank != 0, dynamic_ncols=True)
+    bar = tqdm(initial=state["step"], total=total, desc="fit", disable=not progress or rank != 0,
+               dynamic_ncols=True)
     manifold.train()
-    for step in bar:
+    step = state["step"]
+    while step < total:
+        started = time.perf_counter()
         batch = [t.to(device) for t in next(batches)]
         prefit = step < config.prefit_steps
-        recon = reconstruction_loss(manifold, targets, config.recon_rows, config.recon_noise)
+        recon = reconstruction_loss(manifold, targets, config.recon_rows, config.recon_noise, config.recon_reduction)
+        counts = full
         if prefit:
-            loss, task_loss, counts = config.recon_weight * recon, torch.zeros(()), full
+            loss, task_loss = config.recon_weight * recon, torch.zeros(())
         else:
             counts = sample_widths(manifold, config, rng)
-            params = manifold.generate(counts, noise=True)
-            outputs = functional_call(template, params, (batch[0],))
-            if config.inplace_distill:
-                teacher = functional_call(template, manifold.generate(full, noise=True), (batch[0],))
-                task_loss = task.loss(teacher, batch)
-                loss = task_loss + inplace_distillation(task, outputs, teacher)
-            else:
-                task_loss = task.loss(outputs, batch)
-                loss = task_loss
-            loss = loss + config.recon_weight * recon + config.l2_weight * l2_loss(params)
+            trained = [counts] + ([narrowest_widths(manifold, config)] if config.sandwich else [])
+            if config.original_distill:
+                with torch.no_grad():
+                    original_outputs = template(batch[0])
+            task_loss, l2 = task_loss_terms(manifold, task, batch, trained, config, original_outputs)
+            loss = task_loss + config.recon_weight * recon + config.l2_weight * l2
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"fit: non-finite loss {float(loss)} at step {step} (widths {counts})")
+            rollback(step, f"non-finite loss {float(loss.detach())} (widths {counts})")
+            step = state["step"]
+            bar.reset(total=total)
+            bar.update(step)
+            continue
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1:
@@ -252,15 +367,25 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
             decay = min(config.ema, (1 + step) / (10 + step))
             for e, p in zip(ema.parameters(), manifold.parameters()):
                 e.lerp_(p, 1 - decay)
+        if not prefit:
+            state["joint_seconds"] += time.perf_counter() - started
+            state["joint_steps"] += 1
         if step % 20 == 0:
-            bar.set_postfix(task=f"{task_loss.item():.3f}", recon=f"{recon.item():.2e}",
+            bar.set_postfix(task=f"{float(task_loss.detach()):.3f}", recon=f"{recon.item():.2e}",
                             lr=f"{scheduler.get_last_lr()[0]:.1e}")
-        done = step + 1
-        if done >= config.prefit_steps and (done % config.eval_every == 0 or done == total):
-            evaluate_and_save(done)
+        bar.update(1)
+        step += 1
+        if step >= config.prefit_steps and (step % config.eval_every == 0 or step == total):
+            why = evaluate_and_save(step)
+            if why is not None:
+                rollback(step, why)
+                step = state["step"]
+                bar.reset(total=total)
+                bar.update(step)
     bar.close()
     if state["best"] is not None:
         ema.load_state_dict(state["best"])
     manifold.eval()
     ema.eval()
-    return FitResult(ema, state["best_score"], state["best_step"], state["history"])
+    return FitResult(ema, state["best_score"], state["best_step"], state["history"], state["rollbacks"],
+                     state["joint_seconds"] / max(1, state["joint_steps"]))

@@ -1,0 +1,1 @@
+"""Benchmarks and analyses that are also reachable from the CLI."""

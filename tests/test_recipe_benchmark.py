@@ -1,0 +1,54 @@
+"""The recipe benchmark end to end on real Fashion-MNIST, at a smoke-test size."""
+import json
+import os
+
+import pytest
+
+from neumeta.analysis import recipe_benchmark as rb
+from neumeta.experiment import DataConfig
+
+FASHION = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
+
+pytestmark = pytest.mark.skipif(not os.path.exists(FASHION) and not os.environ.get("NEUMETA_DATA_DIR"),
+                                reason="needs the Fashion-MNIST files (CI installs dataset-fashion-mnist)")
+
+TINY = rb.Schedule(epochs=1, prefit_steps=4, steps=6, eval_every=3, samples=1, curve_samples=1)
+
+
+def test_variants_switch_one_option_each():
+    names = rb.variants()
+    assert {"paper", "default"} <= set(names)
+    for name, tree in names.items():
+        if name not in ("paper", "default"):
+            leaves = [v for section in tree.values() for v in (section.values() if isinstance(section, dict) else [section])]
+            assert len(leaves) == 1, name
+
+
+@pytest.mark.slow
+def test_benchmark_writes_table_json_and_plot_and_resumes(tmp_path):
+    config = rb.RecipeBenchmarkConfig(seeds=(0,), variants=("default", "paper"), out_dir=str(tmp_path / "runs"),
+                                      results=str(tmp_path / "recipe"),
+                                      data=DataConfig(train_size=512, val_size=500))
+    table = rb.run(config, log=lambda *_: None, schedule=TINY)
+    assert "| individual models |" in table and "| paper |" in table and "| default |" in table
+    assert "Targets for the default recipe" in table
+    raw = json.loads((tmp_path / "recipe.json").read_text())
+    default = raw["results"]["default"][0]
+    assert set(default["test"]) == {str(w) for w in rb.WIDTHS}
+    assert len(default["curve"]) == 16  # every channel count of lenet's conv1
+    assert (tmp_path / "recipe.png").stat().st_size > 10_000
+    # a second run reads the cached per-run results instead of fitting again
+    result_file = next((tmp_path / "runs" / "seed0").glob("default/result.json"))
+    stamp = result_file.stat().st_mtime_ns
+    assert rb.run(config, log=lambda *_: None, schedule=TINY) == table
+    assert result_file.stat().st_mtime_ns == stamp
+
+
+def test_targets_are_judged_per_seed():
+    base = {"test": {str(w): 0.80 for w in rb.WIDTHS}, "seed": 0}
+    good = {"seed": 0, "test": {**{str(w): 0.81 for w in rb.WIDTHS}, "0.25": 0.795}}
+    bad = {"seed": 0, "test": {**{str(w): 0.81 for w in rb.WIDTHS}, "0.25": 0.78}}
+    assert "every seed within 1.0 point of its individual model: met" in rb.targets([good], [base], 0.1, 0.5)
+    assert "every seed within 1.0 point of its individual model: missed" in rb.targets([bad], [base], 0.1, 0.5)
+    collapsed = {"seed": 0, "test": {**good["test"], "0.5": 0.1}}
+    assert "no seed collapses: missed" in rb.targets([collapsed], [base], 0.1, 0.5)
