@@ -189,7 +189,10 @@ class WeightManifold(nn.Module):
                  generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
         """Differentiable parameters of the network at ``width`` (name -> tensor)."""
         counts = width if _is_counts(width, self.space) else self.space.resolve(width)
-        values = self.row_values(counts, noise, generator)
+        return self.params_from_rows(self.row_values(counts, noise, generator), counts)
+
+    def params_from_rows(self, values: Sequence[torch.Tensor], counts: Mapping[str, int]) -> Dict[str, torch.Tensor]:
+        """``row_values`` output at ``counts`` as parameter tensors (name -> tensor)."""
         return {s.name: self._rows_to_tensor(s, v, counts) for s, v in zip(self.specs, values)}
 
     @torch.no_grad()

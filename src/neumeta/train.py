@@ -120,12 +120,17 @@ def rank_and_world() -> tuple:
 def reconstruction_loss(manifold: WeightManifold, targets: Sequence[torch.Tensor], fraction: float = 1.0,
                         noise: bool = True, reduction: str = "mean") -> torch.Tensor:
     """L_recon at full width, estimated on a random ``fraction`` of each tensor's rows (unbiased)."""
-    full = manifold.space.full
     rows = None
     if fraction < 1:
         rows = [torch.randperm(t.shape[0], device=t.device)[:max(1, min(t.shape[0], max(64, int(fraction * t.shape[0]))))]
                 for t in targets]
-    values = manifold.row_values(full, noise=noise, rows=rows)
+    values = manifold.row_values(manifold.space.full, noise=noise, rows=rows)
+    return reconstruction_from_values(values, targets, reduction, rows)
+
+
+def reconstruction_from_values(values: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
+                               reduction: str = "mean", rows: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+    """L_recon of generated full-width row values (all rows, or the subset ``rows``)."""
     total = 0.0
     for i, (v, t) in enumerate(zip(values, targets)):
         energy = t.pow(2).mean().clamp_min(1e-12)
@@ -203,14 +208,18 @@ def _schedule(config: FitConfig):
 
 
 def task_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence[Mapping[str, int]],
-                    config: FitConfig, original_outputs=None):
-    """(task part of the loss, L_l2 part) for one step's trained widths; see the module docstring."""
+                    config: FitConfig, original_outputs=None, full_params=None):
+    """(task part of the loss, L_l2 part) for one step's trained widths; see the module docstring.
+
+    With in-place distillation the full width's generated parameters can be passed in
+    (``full_params``), so the step that also uses them for L_recon generates them once.
+    """
     template = manifold.space.model
     x = batch[0]
     loss, l2 = 0.0, 0.0
     teacher = None
     if config.inplace_distill:
-        full = manifold.generate(manifold.space.full, noise=True)
+        full = full_params if full_params is not None else manifold.generate(manifold.space.full, noise=True)
         teacher = functional_call(template, full, (x,))
         loss = task.loss(teacher, batch)
     for counts in counts_list:
@@ -334,8 +343,16 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
         started = time.perf_counter()
         batch = [t.to(device) for t in next(batches)]
         prefit = step < config.prefit_steps
-        recon = reconstruction_loss(manifold, targets, config.recon_rows, config.recon_noise, config.recon_reduction)
-        counts = full
+        counts, full_params = full, None
+        if not prefit and config.inplace_distill and config.recon_noise:
+            # the teacher's noisy full-width rows are exactly what L_recon needs: one generation,
+            # and L_recon on every row instead of a random subset
+            values = manifold.row_values(full, noise=True)
+            recon = reconstruction_from_values(values, targets, config.recon_reduction)
+            full_params = manifold.params_from_rows(values, full)
+        else:
+            recon = reconstruction_loss(manifold, targets, config.recon_rows, config.recon_noise,
+                                        config.recon_reduction)
         if prefit:
             loss, task_loss = config.recon_weight * recon, torch.zeros(())
         else:
@@ -344,7 +361,7 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
             if config.original_distill:
                 with torch.no_grad():
                     original_outputs = template(batch[0])
-            task_loss, l2 = task_loss_terms(manifold, task, batch, trained, config, original_outputs)
+            task_loss, l2 = task_loss_terms(manifold, task, batch, trained, config, original_outputs, full_params)
             loss = task_loss + config.recon_weight * recon + config.l2_weight * l2
         if not torch.isfinite(loss):
             rollback(step, f"non-finite loss {float(loss.detach())} (widths {counts})")
