@@ -284,13 +284,13 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
     def rollback(step: int, why: str):
         """Back to the last good state with a lower learning rate, or stop for good."""
         nonlocal good, batches
-        if not config.guard or len(state["rollbacks"]) >= config.guard_retries:
-            raise DivergenceError(
-                f"fit diverged at step {step}: {why}"
-                + (f"; {len(state['rollbacks'])} rollbacks with a lower learning rate did not help "
-                   f"(last good checkpoint: step {good['state']['step']}"
-                   + (f", {checkpoint}" if checkpoint else "") + ")" if config.guard else
-                   " (the divergence guard is off)"))
+        if not config.guard:
+            raise DivergenceError(f"fit diverged at step {step}: {why} (the divergence guard is off)")
+        if len(state["rollbacks"]) >= config.guard_retries:
+            where = f", {checkpoint}" if checkpoint else ""
+            raise DivergenceError(f"fit diverged at step {step}: {why}; {len(state['rollbacks'])} rollbacks with a "
+                                  f"lower learning rate did not help (last good checkpoint: step "
+                                  f"{good['state']['step']}{where})")
         events = state["rollbacks"] + [{"step": step, "to_step": good["state"]["step"], "why": why}]
         restore(good)
         state["rollbacks"] = events
@@ -363,7 +363,10 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
                     original_outputs = template(batch[0])
             task_loss, l2 = task_loss_terms(manifold, task, batch, trained, config, original_outputs, full_params)
             loss = task_loss + config.recon_weight * recon + config.l2_weight * l2
-        if not torch.isfinite(loss):
+        finite = torch.isfinite(loss.detach()).float()
+        if world > 1:  # every process rolls back together, or none does
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite:
             rollback(step, f"non-finite loss {float(loss.detach())} (widths {counts})")
             step = state["step"]
             bar.reset(total=total)
