@@ -68,7 +68,7 @@ class Schedule:
     curve_samples: int = 10     # K for the per-channel curve
 
 
-QUICK = Schedule(epochs=1, prefit_steps=100, steps=150, eval_every=75, samples=10, curve_samples=3)
+QUICK = Schedule(epochs=1, prefit_steps=100, steps=100, eval_every=50, samples=5, curve_samples=1)
 
 
 @dataclass
