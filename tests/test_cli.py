@@ -54,6 +54,20 @@ def test_sample_command_writes_a_loadable_network(small_manifold, tmp_path, caps
     assert f"{sum(p.numel() for p in model.parameters()):,}" in printed
 
 
+def test_sample_command_reports_flops_of_both_networks(small_manifold, tmp_path, capsys):
+    """The saving in compute is reported as measured, next to the full model's."""
+    import torch
+    from neumeta.flops import count_flops
+    path = small_manifold.save(tmp_path / "m.neumeta")
+    out = tmp_path / "half.safetensors"
+    main(["sample", "--manifold", str(path), "--width", "0.5", "--samples", "1", "--out", str(out)])
+    printed = capsys.readouterr().out
+    x = torch.zeros(1, 1, 28, 28)
+    small, full = count_flops(nm.load_model(out), x), count_flops(small_manifold.space.model, x)
+    assert small < full
+    assert f"FLOPs per sample: {small:,} of {full:,}" in printed
+
+
 def test_sample_command_reports_bad_width(small_manifold, tmp_path, capsys):
     path = small_manifold.save(tmp_path / "m.neumeta")
     with pytest.raises(SystemExit):

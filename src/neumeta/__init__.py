@@ -17,6 +17,8 @@ from .models import create_model, list_models, register_model
 from .recipes import recipe
 from .smooth import SmoothReport, smooth, total_variation
 from .tasks import ClassificationTask
+from .tasks import SegmentationTask, VAETask
+from .flops import count_flops
 from .train import DivergenceError, FitConfig, FitResult, fit
 
 __version__ = "0.1.0"
@@ -26,3 +28,4 @@ __all__ = [
     "ClassificationTask", "create_model", "fit", "fold_batchnorm", "list_models", "load",
     "load_model", "recipe", "register_model", "save_model", "smooth", "SmoothReport", "total_variation",
 ]
+__all__ += ["SegmentationTask", "VAETask", "count_flops"]

@@ -281,7 +281,12 @@ def cmd_sample(c: SampleConfig) -> None:
     save_model(module, out)
     note = " (outside the trained range: extrapolated)" if manifold.space.is_extrapolation(counts) else ""
     print(f"channels: {json.dumps(counts)}{note}")
-    print(f"parameters: {count_parameters(module):,} ({100 * count_parameters(module) / full:.1f} % of full)")
+    print(f"parameters: {count_parameters(module):,} of {full:,} ({100 * count_parameters(module) / full:.1f} % of full)")
+    from .flops import count_flops
+    one = manifold.space.example_inputs  # per-sample FLOPs: a batch of one
+    one = tuple(t[:1] for t in one) if isinstance(one, (tuple, list)) else one[:1]
+    flops, full_flops = count_flops(module, one), count_flops(manifold.space.model, one)
+    print(f"FLOPs per sample: {flops:,} of {full_flops:,} ({100 * flops / max(full_flops, 1):.1f} % of full)")
     print(f"wrote {out}")
 
 

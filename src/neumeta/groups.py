@@ -23,6 +23,7 @@ Width = Union[float, int, Mapping[str, Union[int, float]]]
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 MORPHABLE_TYPES = _CONV + _CONV_T + (nn.Linear,)
+PRESETS = ("paper",)  # WidthSpace(groups="paper"): the groups the model names in neumeta_paper_groups
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class MorphLayer:
     inp: Tuple[Segment, ...]
     kernel: Tuple[int, ...]
     has_bias: bool
+    depthwise: bool = False  # groups == in == out channels: weight [C, 1, *k], in follows out
 
     @property
     def weight_name(self) -> str:
@@ -148,6 +150,26 @@ def _segments(owner: List[Optional[Tuple[str, int]]], where: str) -> Tuple[Segme
     return tuple(segments)
 
 
+def _check_grouped(module: nn.Module, name: str) -> bool:
+    """True for a depthwise conv (morphs with its channel group); raise for other grouped convs."""
+    groups = getattr(module, "groups", 1)
+    if groups == 1:
+        return False
+    if isinstance(module, _CONV) and groups == module.in_channels == module.out_channels:
+        return True
+    kind = type(module).__name__
+    if isinstance(module, _CONV_T):
+        why = "grouped transposed convolutions are not supported"
+    elif groups == module.in_channels:
+        why = (f"a depthwise convolution with a channel multiplier ({module.in_channels} -> "
+               f"{module.out_channels}) is not supported; only groups == in == out channels is")
+    else:
+        why = (f"grouped convolution (groups={groups}, {module.in_channels} -> {module.out_channels} "
+               "channels) is not supported: its channels morph in blocks of one group, which the "
+               "coordinates cannot express; only depthwise convolutions (groups == channels) are")
+    raise ValueError(f"module {name!r} ({kind}): {why}")
+
+
 class WidthSpace:
     """The morphable channel groups of a network and its weight-bearing layers.
 
@@ -156,12 +178,17 @@ class WidthSpace:
         example_inputs: a tensor (or tuple of tensors) the model accepts, used for tracing.
         groups: names of the groups allowed to morph (a group is named after the module
             whose output channels define it, e.g. ``"conv1"``; any member module's name works
-            too). ``None`` morphs every internal group.
+            too). ``None`` morphs every internal group. A preset name instead of a list:
+            ``"paper"``, the groups the paper's release morphs, declared by the model as
+            ``neumeta_paper_groups`` (module names): for the CIFAR ResNets the inner group of
+            the last block of layer3 (``layer3.2.conv1`` in resnet20); for the ImageNet
+            ResNets, by analogy, the inner group(s) of the last block of layer4. Other models
+            have no preset and ``"paper"`` is an error.
         fixed: module names whose *output* channels never morph (added to the automatically
             detected output layers).
     """
 
-    def __init__(self, model: nn.Module, example_inputs, groups: Optional[Sequence[str]] = None,
+    def __init__(self, model: nn.Module, example_inputs, groups: Union[None, str, Sequence[str]] = None,
                  fixed: Sequence[str] = ()):
         self.model = fold_batchnorm(model, example_inputs).eval()
         self.example_inputs = example_inputs
@@ -194,10 +221,7 @@ class WidthSpace:
                             f"channels of group {gname!r}; only Conv/ConvTranspose/Linear layers can be "
                             f"resized (fold BatchNorm first, or pass it in fixed=)")
                     continue
-                if getattr(module, "groups", 1) != 1:
-                    raise ValueError(
-                        f"module {mname!r}: grouped/depthwise convolution (groups={module.groups}) "
-                        f"is not supported yet; keep it out of the morphed groups")
+                _check_grouped(module, mname)
                 dim = "out" if "out_channels" in handler else "in" if "in_channels" in handler else None
                 if dim is None:
                     continue
@@ -223,15 +247,21 @@ class WidthSpace:
         for mname, module in self.model.named_modules():
             if not isinstance(module, MORPHABLE_TYPES):
                 continue
+            depthwise = _check_grouped(module, mname)
             segs = {}
             for dim in ("out", "in"):
                 owner = owners.get((mname, dim), [None] * self._dim_length(module, dim))
                 owner = [o if o and o[0] in self.groups else None for o in owner]
                 segs[dim] = _segments(owner, f"{mname}.{dim}")
+            if depthwise:  # input channel c *is* output channel c; the graph lists only one side
+                if any(s.group for s in segs["in"]) and segs["in"] != segs["out"]:
+                    raise ValueError(f"module {mname!r}: depthwise convolution whose input channels "
+                                     f"({segs['in']}) do not follow its output channels ({segs['out']})")
+                segs["in"] = segs["out"]
             kind = "conv_transpose" if isinstance(module, _CONV_T) else "conv" if isinstance(module, _CONV) else "linear"
             kernel = tuple(module.kernel_size) if kind != "linear" else ()
             self.layers.append(MorphLayer(len(self.layers), mname, kind, segs["out"], segs["in"], kernel,
-                                          module.bias is not None))
+                                          module.bias is not None, depthwise))
         for p in self.model.parameters():  # the reference is never trained; tracing needed grads
             p.requires_grad_(False)
         full = self.full
@@ -247,6 +277,15 @@ class WidthSpace:
     def _select(self, all_groups: Dict[str, ChannelGroup], wanted) -> Dict[str, ChannelGroup]:
         if wanted is None:
             return dict(all_groups)
+        if isinstance(wanted, str):
+            if wanted not in PRESETS:
+                raise ValueError(f"groups={wanted!r} is not a preset ({', '.join(PRESETS)}); "
+                                 f"to pick groups by name pass a list, e.g. groups=[{wanted!r}]")
+            wanted = getattr(self.model, "neumeta_paper_groups", None)
+            if wanted is None:
+                raise ValueError(f"groups='paper': {type(self.model).__name__} declares no paper preset "
+                                 "(neumeta_paper_groups); it is defined for the registry's ResNets "
+                                 "(resnet20, resnet56, resnet18, resnet50). Pass group names instead.")
         chosen = {}
         for name in wanted:
             chosen[self.group_of(name, all_groups)] = None
@@ -299,14 +338,22 @@ class WidthSpace:
 
     # ------------------------------------------------------------------ shapes and modules
     def layer_channels(self, layer: MorphLayer, counts: Mapping[str, int]) -> Tuple[int, int]:
-        """(input channels, output channels) of ``layer`` at ``counts``; flatten repeats not counted."""
+        """(input channels, output channels) of ``layer`` at ``counts``; flatten repeats not counted.
+
+        The input count is what one output channel reads (its fan-in, the weight's axis 1): 1 for
+        a depthwise convolution.
+        """
+        if layer.depthwise:
+            return 1, _channels(layer.out, counts)
         return _channels(layer.inp, counts), _channels(layer.out, counts)
 
     def parameter_shapes(self, counts: Mapping[str, int]) -> Dict[str, torch.Size]:
         shapes = {}
         for layer in self.layers:
             out, inp = _dim_size(layer.out, counts), _dim_size(layer.inp, counts)
-            if layer.kind == "conv_transpose":
+            if layer.depthwise:
+                shapes[layer.weight_name] = torch.Size((out, 1) + layer.kernel)
+            elif layer.kind == "conv_transpose":
                 shapes[layer.weight_name] = torch.Size((inp, out) + layer.kernel)
             else:
                 shapes[layer.weight_name] = torch.Size((out, inp) + layer.kernel)
@@ -325,6 +372,8 @@ class WidthSpace:
                 module.in_features, module.out_features = inp, out
             else:
                 module.in_channels, module.out_channels = inp, out
+                if layer.depthwise:
+                    module.groups = out
         shapes = self.parameter_shapes(counts)
         for name, shape in shapes.items():
             mname, pname = name.rsplit(".", 1)

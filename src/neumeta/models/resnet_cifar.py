@@ -58,6 +58,11 @@ class CifarResNet(nn.Module):
         self.layer1, self.layer2, self.layer3 = layers
         self.fc = nn.Linear(stages[2], num_classes)
 
+    @property
+    def neumeta_paper_groups(self):
+        """``WidthSpace(groups="paper")``: the paper's release morphs only the last block of layer3."""
+        return [f"layer3.{len(self.layer3) - 1}.conv1"]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))

@@ -4,5 +4,7 @@
 generation plug in without changing them.
 """
 from .classification import ClassificationTask
+from .segmentation import SegmentationTask
+from .vae import VAETask
 
-__all__ = ["ClassificationTask"]
+__all__ = ["ClassificationTask", "SegmentationTask", "VAETask"]

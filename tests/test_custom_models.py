@@ -1,0 +1,214 @@
+"""Models the library has never seen (defined here, not in the registry) morph too.
+
+Each test model names its modules after its constructor's width arguments, so the channel
+groups WidthSpace finds (named after their first producer) can be handed back to the
+constructor: an independent check that a sampled network is that architecture at that width.
+"""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import neumeta as nm
+from neumeta.flops import count_flops
+
+TINY_INR = nm.INRConfig(hidden=16, depth=3, frequencies=2)
+WIDTHS = [1.0, 0.75, 0.5, 0.25, "random"]
+
+
+class MLP(nn.Module):
+    def __init__(self, fc1=48, fc2=32):
+        super().__init__()
+        self.fc1, self.bn1 = nn.Linear(64, fc1), nn.BatchNorm1d(fc1)
+        self.fc2 = nn.Linear(fc1, fc2)
+        self.out = nn.Linear(fc2, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.fc1(x.flatten(1))))
+        return self.out(F.relu(self.fc2(x)))
+
+
+class VGG(nn.Module):
+    def __init__(self, conv1=8, conv2=12, conv3=16, conv4=16, fc=24):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, conv1, 3, padding=1), nn.BatchNorm2d(conv1)
+        self.conv2, self.bn2 = nn.Conv2d(conv1, conv2, 3, padding=1), nn.BatchNorm2d(conv2)
+        self.conv3, self.bn3 = nn.Conv2d(conv2, conv3, 3, padding=1), nn.BatchNorm2d(conv3)
+        self.conv4, self.bn4 = nn.Conv2d(conv3, conv4, 3, padding=1), nn.BatchNorm2d(conv4)
+        self.fc = nn.Linear(conv4 * 2 * 2, fc)  # a flatten: each channel is 4 inputs
+        self.classifier = nn.Linear(fc, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))), 2)
+        x = F.max_pool2d(F.relu(self.bn4(self.conv4(F.relu(self.bn3(self.conv3(x)))))), 2)
+        return self.classifier(F.relu(self.fc(x.flatten(1))))
+
+
+class ResidualMLP(nn.Module):
+    """A residual stream (``stem``) shared by the input projection and both blocks' outputs."""
+
+    def __init__(self, stem=32, block1_fc1=40, block2_fc1=24):
+        super().__init__()
+        self.stem = nn.Linear(20, stem)
+        self.block1_fc1, self.block1_fc2 = nn.Linear(stem, block1_fc1), nn.Linear(block1_fc1, stem)
+        self.block2_fc1, self.block2_fc2 = nn.Linear(stem, block2_fc1), nn.Linear(block2_fc1, stem)
+        self.head = nn.Linear(stem, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.block1_fc2(F.relu(self.block1_fc1(x)))
+        x = x + self.block2_fc2(F.relu(self.block2_fc1(x)))
+        return self.head(F.relu(x))
+
+
+class ConcatCNN(nn.Module):
+    """A DenseNet-style skip: ``conv_c`` reads ``cat([a, b])``, two groups in one input axis."""
+
+    def __init__(self, conv_a=8, conv_b=6, conv_c=10):
+        super().__init__()
+        self.conv_a, self.bn_a = nn.Conv2d(3, conv_a, 3, padding=1), nn.BatchNorm2d(conv_a)
+        self.conv_b, self.bn_b = nn.Conv2d(conv_a, conv_b, 3, padding=1), nn.BatchNorm2d(conv_b)
+        self.conv_c = nn.Conv2d(conv_a + conv_b, conv_c, 1)
+        self.fc = nn.Linear(conv_c, 4)
+
+    def forward(self, x):
+        a = F.relu(self.bn_a(self.conv_a(x)))
+        b = F.relu(self.bn_b(self.conv_b(a)))
+        c = F.relu(self.conv_c(torch.cat([a, b], dim=1)))
+        return self.fc(F.adaptive_avg_pool2d(c, 1).flatten(1))
+
+
+class DepthwiseCNN(nn.Module):
+    """A MobileNetV2-style inverted residual: 1x1 expand, 3x3 depthwise, 1x1 project, skip."""
+
+    def __init__(self, stem=8, expand=24, head=16):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, stem, 3, padding=1), nn.BatchNorm2d(stem)
+        self.expand, self.bn1 = nn.Conv2d(stem, expand, 1), nn.BatchNorm2d(expand)
+        self.dw, self.bn2 = nn.Conv2d(expand, expand, 3, padding=1, groups=expand), nn.BatchNorm2d(expand)
+        self.project, self.bn3 = nn.Conv2d(expand, stem, 1), nn.BatchNorm2d(stem)
+        self.head = nn.Conv2d(stem, head, 1)
+        self.fc = nn.Linear(head, 6)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)))
+        y = F.relu6(self.bn1(self.expand(x)))
+        y = F.relu6(self.bn2(self.dw(y)))
+        x = x + self.bn3(self.project(y))
+        return self.fc(F.adaptive_avg_pool2d(F.relu(self.head(x)), 1).flatten(1))
+
+
+class Conv1dNet(nn.Module):
+    def __init__(self, conv1=8, conv2=12):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv1d(2, conv1, 5, padding=2), nn.BatchNorm1d(conv1)
+        self.conv2 = nn.Conv1d(conv1, conv2, 3, padding=1)
+        self.fc = nn.Linear(conv2, 3)
+
+    def forward(self, x):
+        x = F.relu(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return self.fc(x.mean(-1))
+
+
+MODELS = {  # class, example input shape (batch of 4), groups the dependency graph must find
+    "mlp": (MLP, (4, 1, 8, 8), {"fc1", "fc2"}),
+    "vgg": (VGG, (4, 3, 8, 8), {"conv1", "conv2", "conv3", "conv4", "fc"}),
+    "residual_mlp": (ResidualMLP, (4, 20), {"stem", "block1_fc1", "block2_fc1"}),
+    "concat_cnn": (ConcatCNN, (4, 3, 8, 8), {"conv_a", "conv_b", "conv_c"}),
+    "depthwise_cnn": (DepthwiseCNN, (4, 3, 8, 8), {"stem", "expand", "head"}),
+    "conv1d": (Conv1dNet, (4, 2, 16), {"conv1", "conv2"}),
+}
+
+
+def n_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def chain(request):
+    cls, shape, groups = MODELS[request.param]
+    torch.manual_seed(0)
+    model = cls()
+    model.train()
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        for _ in range(3):
+            model(torch.randn(shape) * 2 + 0.5)
+    model.eval()
+    x = torch.randn(shape)
+    smoothed, _ = nm.smooth(nm.fold_batchnorm(model), x)  # smooth checks the function is unchanged
+    space = nm.WidthSpace(smoothed, x)
+    assert set(space.full) == groups  # every internal group, never inputs or outputs
+    return cls, model, x, nm.WeightManifold(space, TINY_INR)
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_sampled_network_is_the_model_at_that_width(chain, width):
+    cls, model, x, manifold = chain
+    space = manifold.space
+    if width == "random":
+        rng = torch.Generator().manual_seed(1)
+        width = {g: int(torch.randint(1, size + 1, (1,), generator=rng)) for g, size in space.full.items()}
+    small = manifold.sample(width, samples=1)
+    counts = space.resolve(width)
+    out = small(x)
+    assert out.shape == model(x).shape and torch.isfinite(out).all()
+    rebuilt = nm.fold_batchnorm(cls(**counts))  # the same class, built at those widths
+    rebuilt.load_state_dict(small.state_dict())  # strict: the same tensors with the same shapes
+    assert n_params(small) == n_params(rebuilt)
+    if counts != space.full:
+        assert n_params(small) < n_params(space.model)
+
+
+def test_full_width_with_original_weights_reproduces_the_model(chain):
+    cls, model, x, manifold = chain
+    space = manifold.space
+    full = space.build(space.full)
+    full.load_state_dict(space.model.state_dict())
+    torch.testing.assert_close(full(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_flops_and_parameters_fall_with_width(chain):
+    cls, model, x, manifold = chain
+    space = manifold.space
+    nets = [space.build(space.resolve(w)) for w in (1.0, 0.75, 0.5, 0.25)]
+    flops = [count_flops(n, x[:1]) for n in nets]
+    params = [n_params(n) for n in nets]
+    assert flops == sorted(flops, reverse=True) and len(set(flops)) == 4, flops
+    assert params == sorted(params, reverse=True) and len(set(params)) == 4, params
+    assert flops[0] == count_flops(model, x[:1])  # folding BatchNorm costs nothing counted
+
+
+def test_depthwise_conv_follows_its_group():
+    """The depthwise conv has no group of its own: its channels are the expand conv's."""
+    model = DepthwiseCNN().eval()
+    x = torch.randn(2, 3, 8, 8)
+    space = nm.WidthSpace(model, x)
+    layer = next(l for l in space.layers if l.name == "dw")
+    assert layer.depthwise and layer.out == layer.inp and layer.out[0].group == "expand"
+    small = space.build(space.resolve({"expand": 5}))
+    assert small.dw.weight.shape == (5, 1, 3, 3) and small.dw.groups == 5
+    assert small(x).shape == (2, 6)
+
+
+class Grouped(nn.Module):
+    def __init__(self, groups=2, out=8):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3)
+        self.mixer = nn.Conv2d(8, out, 3, groups=groups)
+        self.b = nn.Conv2d(out, 4, 1)
+
+    def forward(self, x):
+        return self.b(F.relu(self.mixer(F.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize("groups, out, reason", [(2, 8, "grouped convolution"),
+                                                 (8, 16, "channel multiplier")])
+def test_other_grouped_convs_are_refused_naming_the_module(groups, out, reason):
+    with pytest.raises(ValueError, match=rf"'mixer'.*{reason}"):
+        nm.WidthSpace(Grouped(groups, out), torch.randn(1, 3, 9, 9))
+
+
+def test_grouped_conv_is_refused_even_outside_the_morphed_groups():
+    """Its weight shape would be generated wrongly whichever groups morph, so never silently."""
+    with pytest.raises(ValueError, match="'mixer'"):
+        nm.WidthSpace(Grouped(), torch.randn(1, 3, 9, 9), groups=["b"])
