@@ -1,6 +1,8 @@
 """The INR: per-tensor routing, generated shapes, noise, sampling."""
+import pytest
 import torch
 
+import neumeta as nm
 from neumeta.coords import tensor_coordinates
 
 
@@ -80,3 +82,23 @@ def test_batched_and_loop_blocks_agree(small_manifold):
     b = small_manifold.generate(0.75)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_layers_no_morphable_group_touches_keep_the_reference_weights():
+    torch.manual_seed(0)
+    model = nm.create_model("resnet20").eval()
+    x = torch.randn(2, 3, 32, 32)
+    space = nm.WidthSpace(nm.fold_batchnorm(model), x, groups="paper")
+    manifold = nm.WeightManifold(space, nm.INRConfig(hidden=8, depth=2, frequencies=2))
+    generated = {s.name for s in manifold.specs}
+    assert generated == {"layer3.2.conv1.weight", "layer3.2.conv1.bias", "layer3.2.conv2.weight"} | \
+        ({"layer3.2.conv2.bias"} if space.model.layer3[2].conv2.bias is not None else set())
+    half = manifold.sample(0.5, samples=1)
+    assert half.layer3[2].conv1.out_channels == 32 and half.layer3[2].conv2.in_channels == 32
+    reference = dict(space.model.named_parameters())
+    for name, p in half.named_parameters():
+        if name not in generated:
+            torch.testing.assert_close(p, reference[name], rtol=0, atol=0)
+    assert half(x).shape == (2, 10)
+    with pytest.raises(ValueError, match="no layer has a morphable channel group"):
+        nm.WeightManifold(nm.WidthSpace(nm.fold_batchnorm(model), x, groups=[]))

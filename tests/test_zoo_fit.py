@@ -4,10 +4,21 @@ What a CPU-sized fit (tiny INR, ~100 steps, random base) can and cannot do, as m
 (one thread): the task loss falls, but the generated deep networks stay close to a constant
 function of the input, so the fall is mostly the output layer's bias learning the label
 frequencies. unet_r18: 2.40 -> 1.83 after 150 steps (predicting the pixel-class frequencies
-exactly would give 1.30). resnet20: 2.3029 -> 2.2978 after 150 steps, and with a trained base,
-200-400 reconstruction pre-fit steps (INR 64 wide, 8-16 frequencies) the generated network
-stays at 2.9-9 (base: 0.66), then collapses to the prior (2.31) in the joint phase. A fit that
-makes a generated ResNet beat chance needs the full INR and thousands of steps (a GPU job).
+exactly would give 1.30).
+
+ResNet-20 is fitted as in the paper: only the last block of layer3 morphs (``groups="paper"``),
+so two layers are generated and the rest keeps the trained weights. Generating every layer of
+a ResNet-20 is not a CPU test: measured (one thread, 2048 training / 512 held-out images), a
+tiny INR's network is a constant function at initialisation (weights ~0.2x the reference's
+std, 0.8-0.95 correlated between output channels, logits varying by ~1e-5 through 19 layers),
+and after 400 pre-fit steps the conv weights' relative error is still 0.17-0.33 in layer1,
+0.4-0.56 in layer2 and 0.68-0.84 in layer3 (INR 64 wide; one block of 8k parameters holds a
+36,864-value tensor), leaving a generated loss of 3-108 that the joint phase shrinks to the
+label prior. An INR that holds layer3 (256 wide) needs thousands of ~1.5 s steps: a GPU job.
+Even the paper's two layers are more than a 64-wide INR reconstructs in 100 steps: measured,
+the held-out loss goes 1.38 (after the pre-fit) -> 1.30 at widths 1.0 and 0.5 alike, the base
+itself 0.99 — the joint phase shrinks the badly reconstructed block towards the identity
+(its residual path), which beats a wrong block.
 """
 import os
 
@@ -18,6 +29,7 @@ from torch.func import functional_call
 
 import neumeta as nm
 from neumeta.data import TensorLoader, load_fashion_mnist
+from neumeta.supervised import train_supervised
 
 FASHION = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 pytestmark = [pytest.mark.slow,
@@ -71,11 +83,27 @@ def test_unet_r18_fit_lowers_the_segmentation_loss(images):
         assert after[w] < before[w] - 0.3, (w, before[w], after[w])
 
 
-@pytest.mark.xfail(strict=True, reason="measured: a tiny INR's ResNet-20 does not beat chance within "
-                                       "a CPU test's budget (see the module docstring)")
-def test_resnet20_fit_beats_chance(images):
+def test_resnet20_fit_on_the_papers_groups_beats_chance(images):
+    """The paper's ResNet set-up: only the last block of layer3 morphs (groups="paper"), so only
+    the two layers it touches are generated and the rest keeps the trained weights."""
     x, y = images
+    torch.manual_seed(0)
     model = nm.create_model("resnet20", in_channels=1, num_classes=10)
-    before, after = fit_and_compare(model, nm.ClassificationTask(10), x, y, steps=100)
-    for w in before:  # chance: ln 10 = 2.30; the class prior alone gives about the same here
-        assert after[w] < 2.1, (w, before[w], after[w])
+    train_supervised(model, nm.ClassificationTask(10), TensorLoader(x[:384], y[:384], batch_size=16), epochs=3,
+                     lr=1e-3, progress=False)
+    task = nm.ClassificationTask(10)
+    space = nm.WidthSpace(nm.smooth(nm.fold_batchnorm(model), x[:2])[0], x[:2], groups="paper")
+    manifold = nm.WeightManifold(space, nm.INRConfig(hidden=64, depth=3, frequencies=8))
+    assert {s.layer.name for s in manifold.specs} == {"layer3.2.conv1", "layer3.2.conv2"}
+    held_out = (x[384:], y[384:])
+    reference = float(task.loss(space.model(held_out[0]), held_out))
+    loader = TensorLoader(x[:384], y[:384], batch_size=32)
+    prefit = nm.FitConfig(steps=0, prefit_steps=100, lr=3e-3, eval_every=10_000, seed=0)
+    nm.fit(manifold, task, loader, None, prefit, progress=False)  # reconstruction only
+    before = {w: task_loss(manifold, task, *held_out, w) for w in (1.0, 0.5)}
+    joint = nm.FitConfig(steps=100, prefit_steps=0, lr=3e-3, warmup=0.0, eval_every=10_000, seed=0)
+    nm.fit(manifold, task, loader, None, joint, progress=False)
+    after = {w: task_loss(manifold, task, *held_out, w) for w in (1.0, 0.5)}
+    assert reference < 1.8, reference  # the briefly trained base is well above chance (ln 10 = 2.30)
+    for w in before:  # the joint phase lowers the held-out loss of the generated networks, well below chance
+        assert after[w] < before[w] - 0.03 and after[w] < 1.8, (w, before[w], after[w], reference)

@@ -59,6 +59,11 @@ class MorphLayer:
     depthwise: bool = False  # groups == in == out channels: weight [C, 1, *k], in follows out
 
     @property
+    def morphs(self) -> bool:
+        """True when a morphable group owns some of its channels; the others keep their weights."""
+        return any(seg.group is not None for seg in self.out + self.inp)
+
+    @property
     def weight_name(self) -> str:
         return f"{self.name}.weight"
 
@@ -362,7 +367,8 @@ class WidthSpace:
         return shapes
 
     def build(self, counts: Mapping[str, int]) -> nn.Module:
-        """A standalone copy of the (folded) model resized to ``counts``; weights are zeros."""
+        """A standalone copy of the (folded) model resized to ``counts``: the weights of layers a
+        morphable group touches are zeros (to be written), every other layer keeps the reference's."""
         model = copy.deepcopy(self.model)
         modules = dict(model.named_modules())
         for layer in self.layers:
@@ -374,9 +380,12 @@ class WidthSpace:
                 module.in_channels, module.out_channels = inp, out
                 if layer.depthwise:
                     module.groups = out
+        fixed = {layer.name for layer in self.layers if not layer.morphs}
         shapes = self.parameter_shapes(counts)
         for name, shape in shapes.items():
             mname, pname = name.rsplit(".", 1)
+            if mname in fixed:
+                continue
             old = getattr(modules[mname], pname)
             setattr(modules[mname], pname, nn.Parameter(old.new_zeros(shape)))
         for p in model.parameters():

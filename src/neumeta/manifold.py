@@ -69,6 +69,9 @@ def _crop_index(spec: TensorSpec, out_dim: int) -> torch.Tensor:
 class WeightManifold(nn.Module):
     """An INR of the weights of every width of ``space``'s network.
 
+    Only layers that a morphable group touches are generated; the others (e.g. everything but
+    the last block of layer3 with ``WidthSpace(groups="paper")``) keep the reference weights.
+
     Args:
         space: the ``WidthSpace`` (folded model + channel groups) to represent.
         inr: INR shape (hidden width, depth, Fourier frequencies).
@@ -82,11 +85,15 @@ class WeightManifold(nn.Module):
         self.space, self.inr_config, self.coord_config, self.batched = space, inr, coords, batched
         specs: List[TensorSpec] = []
         for layer in space.layers:
+            if not layer.morphs:  # same shape at every width: the reference weights are used as they are
+                continue
             so = _uniform_repeat(layer.out, f"{layer.name} outputs")
             si = _uniform_repeat(layer.inp, f"{layer.name} inputs")
             specs.append(TensorSpec(len(specs), layer, False, so, si))
             if layer.has_bias:
                 specs.append(TensorSpec(len(specs), layer, True, so, si))
+        if not specs:
+            raise ValueError("WeightManifold: no layer has a morphable channel group; check WidthSpace(groups=...)")
         self.specs = specs
         self.out_dim = max(s.elements for s in specs)
         self.fourier = FourierFeatures(inr.frequencies)
