@@ -60,7 +60,8 @@ def test_sandwich_rule_trains_the_narrowest_width_every_step(small_manifold, mon
     joint = 6
     for sandwich in (False, True):
         generated.clear()
-        config = nm.FitConfig(steps=joint, prefit_steps=1, sandwich=sandwich, min_width=0.5, eval_every=100)
+        config = nm.FitConfig(steps=joint, prefit_steps=1, sandwich=sandwich, inplace_distill=False, min_width=0.5,
+                              eval_every=100)
         nm.fit(small_manifold, nm.ClassificationTask(10), _loader(), None, config, progress=False)
         narrowest = narrowest_widths(small_manifold, config)
         assert narrowest == {g: -(-size // 2) for g, size in small_manifold.space.full.items()}
@@ -75,7 +76,7 @@ def test_original_distillation_adds_the_reference_networks_kl(small_manifold, ex
     task = nm.ClassificationTask(10)
     batch = (example, torch.tensor([1, 2]))
     counts = small_manifold.space.resolve(0.5)
-    config = nm.FitConfig(original_distill=True)
+    config = nm.FitConfig(original_distill=True, inplace_distill=False)
     reference = small_manifold.space.model(example)
     torch.manual_seed(3)
     plain, _ = task_loss_terms(small_manifold, task, batch, [counts], config, None)

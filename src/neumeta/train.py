@@ -66,8 +66,9 @@ class FitConfig:
                                  # widths read (off: full width fits, other widths fall to chance)
     recon_reduction: str = "mean"  # "mean" per element of each tensor, or "sum" (the paper's norms)
     l2_weight: float = 1e-4      # lambda_2
-    inplace_distill: bool = False  # the full width also learns the task; its detached outputs
-                                   # teach the sampled width (KD) instead of the labels
+    inplace_distill: bool = True   # the full width also learns the task; its detached outputs
+                                   # teach the sampled width (KD) instead of the labels (chosen on
+                                   # validation: better at every width, +3.7 points at the unseen 0.25)
     sandwich: bool = False       # also train the narrowest width of the range every step
     original_distill: bool = False  # the reference (pre-trained) network's outputs also teach
                                     # every trained width (KD)

@@ -154,16 +154,20 @@ def run_variant(name: str, tree: dict, config: RecipeBenchmarkConfig, schedule: 
     """Fit one variant from the seed's base model and evaluate it (cached)."""
     folder = out / name.replace(" ", "").replace(",", "_").replace("=", "-")
     path = folder / "result.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    folder.mkdir(parents=True, exist_ok=True)
     fit_config, coords, smoothing = _options(tree, schedule, config, seed)
+    options = {"fit": dataclasses.asdict(fit_config), "coords": dataclasses.asdict(coords), "smooth": smoothing}
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if json.loads(json.dumps(options)) == cached["options"]:
+            return cached
+        raise RuntimeError(f"{path} was fitted with other options than variant {name!r} has now (the defaults "
+                           f"changed?); move {folder} away to fit it again")
+    folder.mkdir(parents=True, exist_ok=True)
     base = load_model(out / "individual_1.safetensors").to(config.device)
     manifold = build_manifold(base, data.example.to(config.device), INRConfig(), coords, smoothing=smoothing,
                               seed=seed, log=log).to(config.device)
     log(f"seed {seed}: fitting {name!r}")
-    result = {"variant": name, "seed": seed, "options": {"fit": dataclasses.asdict(fit_config),
-                                                          "coords": dataclasses.asdict(coords), "smooth": smoothing}}
+    result = {"variant": name, "seed": seed, "options": options}
     try:
         fitted = fit(manifold, data.task, data.train, data.val, fit_config, checkpoint=str(folder / "fit.ckpt"),
                      resume=True)
