@@ -22,22 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .blocks import BasicBlock, shortcut
 from .registry import register_model
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, in_channels: int, inner: int, out_channels: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, inner, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(inner)
-        self.conv2 = nn.Conv2d(inner, out_channels, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-        self.shortcut = _shortcut(in_channels, out_channels, stride)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
 
 
 class Bottleneck(nn.Module):
@@ -49,20 +35,13 @@ class Bottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(inner2)
         self.conv3 = nn.Conv2d(inner2, out_channels, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_channels)
-        self.shortcut = _shortcut(in_channels, out_channels, stride)
+        self.shortcut = shortcut(in_channels, out_channels, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         return F.relu(out + self.shortcut(x))
-
-
-def _shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Module:
-    if stride == 1 and in_channels == out_channels:
-        return nn.Sequential()
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
-                         nn.BatchNorm2d(out_channels))
 
 
 def _check(name: str, widths: Sequence[int], count: int, what: str) -> list:
