@@ -212,3 +212,22 @@ def test_grouped_conv_is_refused_even_outside_the_morphed_groups():
     """Its weight shape would be generated wrongly whichever groups morph, so never silently."""
     with pytest.raises(ValueError, match="'mixer'"):
         nm.WidthSpace(Grouped(), torch.randn(1, 3, 9, 9), groups=["b"])
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h, _ = self.attn(h, h, h)
+        return self.out(h.mean(1))
+
+
+def test_attention_coupled_to_a_group_is_refused_naming_the_module():
+    """Heads split the channels in blocks the coordinates cannot express: refused, not guessed."""
+    with pytest.raises(ValueError, match=r"'attn' \(MultiheadAttention\)"):
+        nm.WidthSpace(_Attention().eval(), torch.randn(2, 5, 8))
