@@ -67,3 +67,16 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
         atomic_write(target, failing)
     assert target.read_text() == "good"
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_sampled_network_of_a_custom_base_on_few_groups_round_trips(tmp_path):
+    """Groups left out of the WidthSpace keep the base model's (custom) widths in the file."""
+    torch.manual_seed(0)
+    base = nm.create_model("resnet20", stages=(8, 16, 24)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    manifold = nm.WeightManifold(nm.WidthSpace(base, x, groups="paper"),
+                                 nm.INRConfig(hidden=8, depth=2, frequencies=2))
+    small = manifold.sample(0.5, samples=1)
+    assert small.layer3[2].conv1.out_channels == 12 and small.layer1[0].conv1.out_channels == 8
+    loaded = nm.load_model(nm.save_model(small, tmp_path / "small.safetensors"))
+    torch.testing.assert_close(loaded(x), small(x), rtol=0, atol=0)

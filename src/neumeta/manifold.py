@@ -230,7 +230,9 @@ class WeightManifold(nn.Module):
         for name, value in params.items():
             mname, pname = name.rsplit(".", 1)
             getattr(module.get_submodule(mname), pname).copy_(value)
-        module.neumeta_widths = dict(counts)
+        # every channel group of the architecture, the ones not morphed at the reference's size,
+        # so save_model can rebuild a custom-width base model restricted to a few groups
+        module.neumeta_widths = {**{g: c.size for g, c in self.space.all_groups.items()}, **counts}
         return module.to(self.device)
 
     def save(self, path, extra: Optional[dict] = None):
