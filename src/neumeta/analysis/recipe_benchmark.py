@@ -178,6 +178,7 @@ def run_variant(name: str, tree: dict, config: RecipeBenchmarkConfig, schedule: 
     manifold = fitted.manifold
     space = manifold.space
     smallest = min(space.full, key=space.full.get)
+    result.update(device=device_name(config.device), date=time.strftime("%Y-%m-%d"))
     result.update(best_step=fitted.best_step, rollbacks=fitted.rollbacks, step_seconds=fitted.step_seconds,
                   history=fitted.history, smallest_group=smallest, smallest_size=space.full[smallest])
     test, val = {}, {}
@@ -205,6 +206,14 @@ def _cell(values: List[float]) -> str:
     return f"{mean:.2f} ({100 * min(values):.1f}–{100 * max(values):.1f})"
 
 
+def device_name(device) -> str:
+    """What produced a number: the GPU's name, or the CPU and its torch threads."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    import platform
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s)"
+
+
 def _schedule_name(schedule: Schedule) -> str:
     return "quick" if schedule == QUICK else "full" if schedule == Schedule() else "custom"
 
@@ -218,7 +227,7 @@ def summarise(results: Dict[str, List[dict]], baselines: List[dict], config: Rec
              f"{list(config.seeds)}, {_schedule_name(schedule)} schedule "
              f"({schedule.epochs} epochs per individual model; fit {schedule.prefit_steps} pre-fit + "
              f"{schedule.steps} joint steps, K = {schedule.samples}), trained range γ ∈ [0, {1 - config.min_width:g}], "
-             f"{time.strftime('%Y-%m-%d')}, device: {device}. Accuracy %, mean (min–max over seeds); "
+             f"table written {time.strftime('%Y-%m-%d')}, fits run on: {device}. Accuracy %, mean (min–max over seeds); "
              "checkpoints chosen on the validation split.", "",
              f"| variant | {head} | step time (× plain step) | collapsed seeds | rollbacks |",
              "|---|" + "---|" * (len(WIDTHS) + 3)]
@@ -307,8 +316,6 @@ def run(config: RecipeBenchmarkConfig, log=print, schedule: Optional[Schedule] =
     out_root = Path(config.out_dir or f"runs/{tag}")
     results_stem = Path(config.results or f"benchmarks/results/{tag}")
     results_stem.parent.mkdir(parents=True, exist_ok=True)
-    device = torch.cuda.get_device_name(0) if str(config.device).startswith("cuda") else \
-        f"CPU ({torch.get_num_threads()} threads)"
     results: Dict[str, List[dict]] = {name: [] for name in chosen}
     baselines = []
     chance = None
@@ -325,6 +332,8 @@ def run(config: RecipeBenchmarkConfig, log=print, schedule: Optional[Schedule] =
         baselines.append(dict(baseline, seed=seed))
         for name in chosen:
             results[name].append(run_variant(name, all_variants[name], config, schedule, seed, data, out, log))
+    fitted_on = sorted({r.get("device", "not recorded") for runs in results.values() for r in runs})
+    device = "; ".join(fitted_on) or device_name(config.device)
     table = summarise(results, baselines, config, chance, device, schedule)
     atomic_write(results_stem.with_suffix(".md"), lambda tmp: Path(tmp).write_text(table + "\n"))
     _write_json(results_stem.with_suffix(".json"), {"results": results, "baselines": baselines,
