@@ -28,7 +28,7 @@ from ..inr import INRConfig
 from ..io import atomic_write, load_model, save_model
 from ..models import width_kwargs
 from ..recipes import recipe_options
-from ..train import DivergenceError, FitConfig, fit
+from ..train import DivergenceError, FitConfig, _batches, _is_collapsed, fit
 
 WIDTHS = (1.0, 0.75, 0.5, 0.375, 0.25, 0.125)  # gamma = 0, 25, 50, 62.5, 75, 87.5 %
 
@@ -103,10 +103,7 @@ def _plain_step_seconds(model_name, data, lr, seed, device, steps=50) -> float:
     torch.manual_seed(seed)
     model = create_model(model_name).to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    def endless():
-        while True:
-            yield from data.train
-    batches = endless()
+    batches = _batches(data.train)
     times = []
     for i in range(steps):
         batch = [t.to(device) for t in next(batches)]
@@ -249,7 +246,8 @@ def summarise(results: Dict[str, List[dict]], baselines: List[dict], config: Rec
 def _collapsed(run: dict, chance: float, min_width: float) -> bool:
     if "diverged" in run:
         return True
-    return any(run["test"][str(w)] <= chance + 0.05 * (1 - chance) for w in WIDTHS if w >= min_width)
+    margin = FitConfig().collapse_margin  # the divergence guard's own definition of "at chance"
+    return any(_is_collapsed(run["test"][str(w)], chance, margin) for w in WIDTHS if w >= min_width)
 
 
 def targets(runs: List[dict], baselines: List[dict], chance: float, min_width: float) -> str:
