@@ -1,4 +1,5 @@
 """Recipe options change training in the way they claim."""
+import copy
 import pytest
 import torch
 from torch.func import functional_call
@@ -165,11 +166,11 @@ class _ScriptedTask(nm.ClassificationTask):
         return real
 
 
-def _fit(manifold, task, tmp_path, steps=12, **kw):
+def _fit(manifold, task, tmp_path, steps=12, selections=None, **kw):
     config = nm.FitConfig(steps=steps, prefit_steps=2, eval_every=4, eval_widths=(1.0, 0.5), **kw)
     ckpt = tmp_path / "fit.ckpt"
     return nm.fit(manifold, task, _loader(), _loader(16, 16, seed=1), config, checkpoint=str(ckpt),
-                  progress=False), ckpt
+                  progress=False, selections=selections), ckpt
 
 
 def test_guard_rolls_back_on_a_nan_and_finishes(small_manifold, tmp_path):
@@ -203,3 +204,45 @@ def test_guard_gives_up_and_leaves_the_last_good_checkpoint(small_manifold, tmp_
 def test_without_the_guard_a_nan_stops_at_once(small_manifold, tmp_path):
     with pytest.raises(DivergenceError, match="step 6.*guard is off"):
         _fit(small_manifold, _ScriptedTask(nan_calls={5}), tmp_path, guard=False)
+
+
+def test_select_widths_pick_the_checkpoint_by_their_own_mean(small_manifold, tmp_path):
+    # evaluations at steps 4, 8, 12, 14 of widths (1.0, 0.5): the mean is best at step 4,
+    # width 0.5 alone at step 8
+    scores = [0.95, 0.60, 0.80, 0.70, 0.90, 0.62, 0.91, 0.61]
+    (tmp_path / "mean").mkdir()
+    (tmp_path / "half").mkdir()
+    by_mean, _ = _fit(copy.deepcopy(small_manifold), _ScriptedTask(scores=scores), tmp_path / "mean")
+    by_half, _ = _fit(small_manifold, _ScriptedTask(scores=scores), tmp_path / "half", select_widths=(0.5,))
+    assert by_mean.best_step == 4 and by_half.best_step == 8
+    assert by_half.best_score == pytest.approx(0.70)
+
+
+def test_a_selection_width_outside_the_eval_widths_is_validated_too(small_manifold, tmp_path):
+    result, _ = _fit(small_manifold, nm.ClassificationTask(10), tmp_path, select_widths=(0.25,))
+    assert all(set(row) == {"step", "val_accuracy@1", "val_accuracy@0.5", "val_accuracy@0.25"}
+               for row in result.history)
+    best = next(row for row in result.history if row["step"] == result.best_step)
+    assert result.best_score == pytest.approx(best["val_accuracy@0.25"])
+    assert result.best_score == max(row["val_accuracy@0.25"] for row in result.history)
+
+
+def test_extra_selection_rules_pick_their_own_checkpoint_from_the_same_run(small_manifold, tmp_path):
+    # evaluations at steps 4, 8, 12, 14 of widths (1.0, 0.5, then 0.25 for the extra rule):
+    # the trained widths' mean is best at step 4, the rule that also watches 0.25 picks step 8
+    scores = [0.95, 0.60, 0.10, 0.80, 0.70, 0.60, 0.90, 0.62, 0.20, 0.91, 0.61, 0.30]
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "rules").mkdir()
+    plain, _ = _fit(copy.deepcopy(small_manifold), _ScriptedTask(scores=[s for i, s in enumerate(scores) if i % 3 != 2]),
+                    tmp_path / "plain")
+    ruled, ckpt = _fit(small_manifold, _ScriptedTask(scores=scores), tmp_path / "rules",
+                       selections={"with 0.25": (1.0, 0.5, 0.25)})
+    assert plain.best_step == ruled.best_step == 4  # the primary choice is untouched
+    alt = ruled.alternatives["with 0.25"]
+    assert alt.best_step == 8 and alt.widths == (1.0, 0.5, 0.25)
+    assert alt.best_score == pytest.approx((0.80 + 0.70 + 0.60) / 3)
+    # a different EMA state than the primary one, and training itself did not change
+    assert any(not torch.equal(a, b) for a, b in zip(alt.manifold.parameters(), ruled.manifold.parameters()))
+    for a, b in zip(plain.manifold.parameters(), ruled.manifold.parameters()):
+        assert torch.equal(a, b)
+    assert torch.load(ckpt, weights_only=False)["state"]["alternatives"]["with 0.25"]["best_step"] == 8

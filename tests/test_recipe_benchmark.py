@@ -36,6 +36,10 @@ def test_benchmark_writes_table_json_and_plot_and_resumes(tmp_path):
     default = raw["results"]["default"][0]
     assert set(default["test"]) == {str(w) for w in rb.WIDTHS}
     assert len(default["curve"]) == 16  # every channel count of lenet's conv1
+    (rule, alt), = default["alternatives"].items()  # the second selection rule, same fit
+    assert alt["widths"] == [1.0, 0.75, 0.5, 0.25] and set(alt["test"]) == set(default["test"])
+    assert f"| default, checkpoint by {rule} (same fits) |" in table
+    assert f"Targets for the default recipe, checkpoint by {rule}" in table
     assert (tmp_path / "recipe.png").stat().st_size > 10_000
     # a second run reads the cached per-run results instead of fitting again
     result_file = next((tmp_path / "runs" / "seed0").glob("default/result.json"))

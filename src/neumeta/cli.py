@@ -72,6 +72,7 @@ HELP = {
     "grad_clip": "clip the INR's gradient norm to this (0 = off)",
     "eval_every": "validate (and checkpoint) every this many steps",
     "eval_widths": "width multipliers validated during fit; their mean accuracy selects the checkpoint",
+    "select_widths": "widths whose mean validation accuracy selects the checkpoint instead (also validated)",
     "eval_samples": "noisy coordinate draws averaged per validation (1 = noise-free centres)",
     # coords / inr
     "size_terms": "add the paper's size coordinates L/N, C_in/N, C_out/N",
@@ -174,6 +175,8 @@ def _add_options(parser: argparse.ArgumentParser, cls) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kwargs: Dict[str, Any] = dict(dest=".".join(path), default=argparse.SUPPRESS, metavar=name.upper(),
                                       help=f"{HELP.get(name, '')} (default: {default})".replace("%", "%%"))
+        if typing.get_origin(hint) is typing.Union:  # Optional[X]: the flag takes an X
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
         origin = typing.get_origin(hint)
         args = typing.get_args(hint)
         if hint is bool:
@@ -181,8 +184,7 @@ def _add_options(parser: argparse.ArgumentParser, cls) -> None:
         elif origin in (list, tuple, collections.abc.Sequence):
             kwargs.update(nargs="+", type=args[0] if args and args[0] is not Ellipsis else float)
         else:
-            base = next((a for a in args if a is not type(None)), hint) if origin is typing.Union else hint
-            kwargs["type"] = base
+            kwargs["type"] = hint
         parser.add_argument("--" + name.replace("_", "-"), **kwargs)
 
 

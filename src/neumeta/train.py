@@ -81,6 +81,8 @@ class FitConfig:
     grad_clip: float = 1.0
     eval_every: int = 500
     eval_widths: Sequence[float] = (1.0, 0.75, 0.5)
+    select_widths: Optional[Sequence[float]] = None  # widths whose mean validation score picks the
+                                                     # checkpoint (None: eval_widths); validated too
     eval_samples: int = 1        # noisy draws averaged when evaluating (1 = noise-free centre)
     seed: int = 0
 
@@ -96,6 +98,16 @@ class FitConfig:
         if not 0 < self.guard_lr_factor < 1:
             raise ValueError(f"guard_lr_factor must be in (0, 1), not {self.guard_lr_factor}")
         self.eval_widths = tuple(float(w) for w in self.eval_widths)
+        if self.select_widths is not None:
+            self.select_widths = tuple(float(w) for w in self.select_widths)
+            if not self.select_widths:
+                raise ValueError("select_widths must name at least one width (or be None: the eval widths)")
+
+    @property
+    def validated_widths(self) -> tuple:
+        """Every width validated during fit: the eval widths, then any other selection width."""
+        extra = tuple(w for w in (self.select_widths or ()) if w not in self.eval_widths)
+        return self.eval_widths + extra
 
 
 class DivergenceError(RuntimeError):
@@ -110,6 +122,16 @@ class FitResult:
     history: List[dict] = field(default_factory=list)
     rollbacks: List[dict] = field(default_factory=list)  # the divergence guard's interventions
     step_seconds: float = float("nan")  # mean wall time of a joint (post-pre-fit) step
+    alternatives: Dict[str, "Selection"] = field(default_factory=dict)  # other selection rules, same run
+
+
+@dataclass
+class Selection:
+    """The checkpoint another selection rule picks from the same run (``fit(selections=...)``)."""
+    widths: tuple
+    manifold: WeightManifold
+    best_score: float
+    best_step: int
 
 
 def rank_and_world() -> tuple:
@@ -240,8 +262,14 @@ def _is_collapsed(score: float, chance: float, margin: float) -> bool:
 
 
 def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: FitConfig = FitConfig(),
-        checkpoint: Optional[str] = None, resume: bool = False, progress: bool = True) -> FitResult:
+        checkpoint: Optional[str] = None, resume: bool = False, progress: bool = True,
+        selections: Optional[Mapping[str, Sequence[float]]] = None) -> FitResult:
     """Train ``manifold`` on ``task``; returns the best EMA manifold on the validation data.
+
+    ``selections`` (name -> widths) tracks other checkpoint selection rules in the same run: each
+    keeps the EMA state with the best mean validation score at its widths (validated too), in
+    ``FitResult.alternatives[name]``; training itself is unchanged, so two rules are compared on
+    one trajectory.
 
     ``train_loader`` yields batches whose first element is the network's input; ``task`` gives
     ``loss(outputs, batch)``, ``distill(student, teacher)``, ``evaluate(fn, batches, device)``,
@@ -263,6 +291,10 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
     state = {"step": 0, "best_score": -math.inf, "best_step": -1, "best": None, "history": [],
              "rollbacks": [], "last_scores": {}, "joint_seconds": 0.0, "joint_steps": 0}
     chance = getattr(task, "chance", None)
+    selections = {name: tuple(float(w) for w in widths) for name, widths in (selections or {}).items()}
+    validated = config.validated_widths + tuple(dict.fromkeys(
+        w for widths in selections.values() for w in widths if w not in config.validated_widths))
+    state["alternatives"] = {name: {"best_score": -math.inf, "best_step": -1, "best": None} for name in selections}
 
     def capture() -> dict:
         return copy.deepcopy({"inr": manifold.state_dict(), "ema": ema.state_dict(),
@@ -281,6 +313,8 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
 
     if resume and checkpoint and Path(checkpoint).exists():
         restore(torch.load(checkpoint, map_location=device, weights_only=False))
+    for name in selections:  # a checkpoint written before a rule was added starts it afresh
+        state.setdefault("alternatives", {}).setdefault(name, {"best_score": -math.inf, "best_step": -1, "best": None})
     good = capture()  # the divergence guard's rollback point
 
     def rollback(step: int, why: str):
@@ -310,7 +344,7 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
         """Validate, keep the best, write the checkpoint; returns why the run collapsed, if it did."""
         nonlocal good
         if val_loader is not None:
-            scores = evaluate_widths(ema, task, val_loader, config.eval_widths, config.eval_samples, device)
+            scores = evaluate_widths(ema, task, val_loader, validated, config.eval_samples, device)
             values = {w: m[task.metric] for w, m in scores.items()}
             row = {"step": step, **{f"val_{task.metric}@{w:g}": v for w, v in values.items()}}
             if rank == 0 and progress:
@@ -323,11 +357,18 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
                         was = "" if before is None else f", was {before:.4f}"
                         return f"validation {task.metric} at width {w:g} fell to {v:.4f} (chance {chance:.4f}{was})"
             state["last_scores"] = values
-            score = sum(values.values()) / len(values)
+            chosen = config.select_widths or config.eval_widths
+            score = sum(values[w] for w in chosen) / len(chosen)
             state["history"].append(row)
             if score > state["best_score"]:
                 state.update(best_score=score, best_step=step,
                              best={k: v.detach().clone() for k, v in ema.state_dict().items()})
+            for name, widths in selections.items():
+                alt = state["alternatives"][name]
+                alt_score = sum(values[w] for w in widths) / len(widths)
+                if alt_score > alt["best_score"]:
+                    alt.update(best_score=alt_score, best_step=step,
+                               best={k: v.detach().clone() for k, v in ema.state_dict().items()})
         state["step"] = step
         good = capture()
         if checkpoint and rank == 0:
@@ -405,9 +446,17 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
                 bar.reset(total=total)
                 bar.update(step)
     bar.close()
+    alternatives = {}
+    for name, widths in selections.items():
+        alt = state["alternatives"].get(name, {})
+        picked = copy.deepcopy(ema, memo={id(manifold.space): manifold.space})
+        if alt.get("best") is not None:
+            picked.load_state_dict(alt["best"])
+        alternatives[name] = Selection(widths, picked.eval(), alt.get("best_score", -math.inf),
+                                       alt.get("best_step", -1))
     if state["best"] is not None:
         ema.load_state_dict(state["best"])
     manifold.eval()
     ema.eval()
     return FitResult(ema, state["best_score"], state["best_step"], state["history"], state["rollbacks"],
-                     state["joint_seconds"] / max(1, state["joint_steps"]))
+                     state["joint_seconds"] / max(1, state["joint_steps"]), alternatives)

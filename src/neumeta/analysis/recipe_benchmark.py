@@ -31,6 +31,10 @@ from ..recipes import recipe_options
 from ..train import DivergenceError, FitConfig, _batches, _is_collapsed, fit
 
 WIDTHS = (1.0, 0.75, 0.5, 0.375, 0.25, 0.125)  # gamma = 0, 25, 50, 62.5, 75, 87.5 %
+# A second checkpoint selection rule tracked in every fit (same trajectory, fit(selections=...)):
+# the mean validation accuracy of the trained widths and the narrowest width a user deploys,
+# gamma = 75 %. That width still gets no gradient; only the choice of checkpoint looks at it.
+ALSO_SELECT = {"validation incl. γ 75 %": (1.0, 0.75, 0.5, 0.25)}
 
 
 def _switched(name: str, value) -> str:
@@ -152,7 +156,8 @@ def run_variant(name: str, tree: dict, config: RecipeBenchmarkConfig, schedule: 
     folder = out / name.replace(" ", "").replace(",", "_").replace("=", "-")
     path = folder / "result.json"
     fit_config, coords, smoothing = _options(tree, schedule, config, seed)
-    options = {"fit": dataclasses.asdict(fit_config), "coords": dataclasses.asdict(coords), "smooth": smoothing}
+    options = {"fit": dataclasses.asdict(fit_config), "coords": dataclasses.asdict(coords), "smooth": smoothing,
+               "also_select": ALSO_SELECT}
     if path.exists():
         cached = json.loads(path.read_text())
         if json.loads(json.dumps(options)) == cached["options"]:
@@ -167,7 +172,7 @@ def run_variant(name: str, tree: dict, config: RecipeBenchmarkConfig, schedule: 
     result = {"variant": name, "seed": seed, "options": options}
     try:
         fitted = fit(manifold, data.task, data.train, data.val, fit_config, checkpoint=str(folder / "fit.ckpt"),
-                     resume=True)
+                     resume=True, selections=ALSO_SELECT)
     except DivergenceError as err:  # recorded as a collapse; the benchmark goes on
         result.update(diverged=str(err), test={}, val={}, curve={})
         _write_json(path, result)
@@ -178,11 +183,13 @@ def run_variant(name: str, tree: dict, config: RecipeBenchmarkConfig, schedule: 
     result.update(device=device_name(config.device), date=time.strftime("%Y-%m-%d"))
     result.update(best_step=fitted.best_step, rollbacks=fitted.rollbacks, step_seconds=fitted.step_seconds,
                   history=fitted.history, smallest_group=smallest, smallest_size=space.full[smallest])
-    test, val = {}, {}
-    for width in WIDTHS:
-        net = manifold.sample(width, samples=schedule.samples, seed=seed).to(config.device)
-        test[str(width)] = data.task.evaluate(net, data.test, config.device)[data.task.metric]
-        val[str(width)] = data.task.evaluate(net, data.val, config.device)[data.task.metric]
+    test, val = _evaluate(manifold, data, schedule, seed, config.device)
+    alternatives = {}
+    for rule, picked in fitted.alternatives.items():
+        alt_test, alt_val = _evaluate(picked.manifold, data, schedule, seed, config.device)
+        alternatives[rule] = {"widths": list(picked.widths), "best_step": picked.best_step, "test": alt_test,
+                              "val": alt_val}
+    result["alternatives"] = alternatives
     curve = {}
     for channels in range(1, space.full[smallest] + 1):
         net = manifold.sample(channels / space.full[smallest], samples=schedule.curve_samples,
@@ -192,6 +199,16 @@ def run_variant(name: str, tree: dict, config: RecipeBenchmarkConfig, schedule: 
     log(f"seed {seed}: {name}: " + ", ".join(f"{float(w):g}: {100 * a:.2f}" for w, a in test.items()))
     _write_json(path, result)
     return result
+
+
+def _evaluate(manifold, data, schedule: Schedule, seed: int, device):
+    """(test, validation) accuracy at every benchmark width, K = ``schedule.samples``."""
+    test, val = {}, {}
+    for width in WIDTHS:
+        net = manifold.sample(width, samples=schedule.samples, seed=seed).to(device)
+        test[str(width)] = data.task.evaluate(net, data.test, device)[data.task.metric]
+        val[str(width)] = data.task.evaluate(net, data.val, device)[data.task.metric]
+    return test, val
 
 
 def _cell(values: List[float]) -> str:
@@ -238,9 +255,21 @@ def summarise(results: Dict[str, List[dict]], baselines: List[dict], config: Rec
         ratio = f"{statistics.mean(steps) / plain:.0f}" if steps else "–"
         rollbacks = sum(len(r.get("rollbacks", [])) for r in runs)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {ratio} | {collapsed}/{len(runs)} | {rollbacks} |")
+        for rule, alt_runs in _alternative_runs(runs).items():
+            cells = [_cell([r["test"][str(w)] for r in alt_runs]) for w in WIDTHS]
+            lines.append(f"| {name}, checkpoint by {rule} (same fits) | " + " | ".join(cells) + " | – | – | – |")
     if "default" in results:
         lines += ["", targets(results["default"], baselines, chance, config.min_width)]
+        for rule, alt_runs in _alternative_runs(results["default"]).items():
+            lines += ["", targets(alt_runs, baselines, chance, config.min_width).replace(
+                "the default recipe", f"the default recipe, checkpoint by {rule}")]
     return "\n".join(lines)
+
+
+def _alternative_runs(runs: List[dict]) -> Dict[str, List[dict]]:
+    """Rule -> the runs as that checkpoint selection rule scores them (only rules every run has)."""
+    rules = set.intersection(*(set(r.get("alternatives", {})) for r in runs)) if runs else set()
+    return {rule: [dict(r, **r["alternatives"][rule]) for r in runs] for rule in sorted(rules)}
 
 
 def _collapsed(run: dict, chance: float, min_width: float) -> bool:
