@@ -34,6 +34,12 @@ def test_yaml_then_flags(tmp_path):
     assert (c.epochs, c.fit.steps, c.fit.lr, c.coords.noise, c.fit.seed) == (2, 20, 0.01, 0.25, 3)
 
 
+def test_optional_width_list_flag_takes_widths(tmp_path):
+    assert _config(tmp_path, "", []).fit.select_widths is None
+    assert _config(tmp_path, "", ["--select-widths", "1", "0.25"]).fit.select_widths == (1.0, 0.25)
+    assert _config(tmp_path, "fit: {select_widths: [0.5]}\n", []).fit.select_widths == (0.5,)
+
+
 def test_unknown_yaml_key_is_named(tmp_path):
     with pytest.raises(SystemExit, match="stepz"):
         _config(tmp_path, "fit: {stepz: 10}\n", [])

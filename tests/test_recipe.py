@@ -246,3 +246,22 @@ def test_extra_selection_rules_pick_their_own_checkpoint_from_the_same_run(small
     for a, b in zip(plain.manifold.parameters(), ruled.manifold.parameters()):
         assert torch.equal(a, b)
     assert torch.load(ckpt, weights_only=False)["state"]["alternatives"]["with 0.25"]["best_step"] == 8
+
+
+def test_narrow_width_sampling_stays_in_range_and_favours_the_narrow_end(small_manifold):
+    import random
+    from neumeta.train import sample_widths
+    full = small_manifold.space.full
+    means = {}
+    for how in ("uniform", "narrow"):
+        config = nm.FitConfig(min_width=0.5, width_sampling=how)
+        rng = random.Random(0)
+        draws = [sample_widths(small_manifold, config, rng) for _ in range(2000)]
+        for name, size in full.items():
+            counts = [d[name] for d in draws]
+            assert min(counts) == -(-size // 2) and max(counts) == size  # both ends reached, nothing outside
+        means[how] = sum(d[name] / full[name] for d in draws for name in full) / (len(draws) * len(full))
+    assert means["uniform"] == pytest.approx(0.75, abs=0.02)
+    assert means["narrow"] == pytest.approx(0.5 + 0.5 / 3, abs=0.02)  # E[u^2] = 1/3 of the range
+    with pytest.raises(ValueError, match="width_sampling"):
+        nm.FitConfig(width_sampling="wide")

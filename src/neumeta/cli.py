@@ -51,6 +51,8 @@ HELP = {
     "min_width": "narrowest width multiplier seen in training (0.5 = compression 50 %)",
     "max_width": "widest width multiplier seen in training",
     "per_group": "draw each channel group's width independently (else one multiplier for all)",
+    "width_sampling": "how widths are drawn in the range: uniform, or narrow (density falling linearly "
+                      "towards the widest, so the narrow end is trained more)",
     "recon_weight": "lambda_1: weight of the reconstruction loss (see docs for the exact formula)",
     "recon_rows": "fraction of full-width weight rows used to estimate the reconstruction loss each step",
     "recon_noise": "jitter the coordinates in the reconstruction loss too",

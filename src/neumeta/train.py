@@ -59,6 +59,8 @@ class FitConfig:
     min_width: float = 0.5       # narrowest trained width (compression gamma = 0.5)
     max_width: float = 1.0
     per_group: bool = True       # each group draws its own width (else one shared multiplier)
+    width_sampling: str = "uniform"  # "uniform" in [min_width, max_width], or "narrow": density
+                                     # falling linearly from the narrowest width to the widest (u^2)
     recon_weight: float = 10.0   # lambda_1
     recon_rows: float = 0.25     # fraction of full-width rows in each step's L_recon estimate
     recon_noise: bool = True     # jitter coordinates in L_recon too: the INR then learns each
@@ -95,6 +97,8 @@ class FitConfig:
             raise ValueError(f"ema must be in [0, 1), not {self.ema}")
         if self.recon_reduction not in ("mean", "sum"):
             raise ValueError(f"recon_reduction must be 'mean' or 'sum', not {self.recon_reduction!r}")
+        if self.width_sampling not in ("uniform", "narrow"):
+            raise ValueError(f"width_sampling must be 'uniform' or 'narrow', not {self.width_sampling!r}")
         if not 0 < self.guard_lr_factor < 1:
             raise ValueError(f"guard_lr_factor must be in (0, 1), not {self.guard_lr_factor}")
         self.eval_widths = tuple(float(w) for w in self.eval_widths)
@@ -183,13 +187,21 @@ def narrowest_widths(manifold: WeightManifold, config: FitConfig) -> Dict[str, i
 
 
 def sample_widths(manifold: WeightManifold, config: FitConfig, rng: random.Random) -> Dict[str, int]:
-    """One training configuration: channel counts drawn uniformly in [min_width, max_width]."""
-    shared = rng.uniform(config.min_width, config.max_width)
+    """One training configuration: channel counts drawn in [min_width, max_width], uniformly or
+    (``width_sampling="narrow"``) with a density falling linearly towards the widest."""
+    narrow = config.width_sampling == "narrow"
+    shared = config.min_width + (config.max_width - config.min_width) * rng.random() ** 2 if narrow \
+        else rng.uniform(config.min_width, config.max_width)
     counts = {}
     for name, size in manifold.space.full.items():
         lo = max(1, math.ceil(size * config.min_width - 1e-9))
         hi = max(lo, int(round(size * config.max_width)))
-        counts[name] = rng.randint(lo, hi) if config.per_group else min(hi, max(lo, round(size * shared)))
+        if not config.per_group:
+            counts[name] = min(hi, max(lo, round(size * shared)))
+        elif narrow:
+            counts[name] = lo + min(hi - lo, int(rng.random() ** 2 * (hi - lo + 1)))
+        else:
+            counts[name] = rng.randint(lo, hi)
     return counts
 
 

@@ -6,7 +6,8 @@ epochs, best epoch on validation); for each variant: the manifold fitted from th
 the smallest morphed group (for the plot). Each (variant, seed) result is a JSON file under the
 run folder, so an interrupted benchmark resumes and seeds can be added later.
 
-Variants: the paper preset, the default, and the default with one option switched at a time.
+Variants: the paper preset, the default, and the default with one option switched at a time
+(the ablation, and candidates for the unseen widths).
 """
 from __future__ import annotations
 
@@ -42,10 +43,16 @@ def _switched(name: str, value) -> str:
 
 
 def variants() -> Dict[str, dict]:
-    """Variant name -> option tree (``recipe``, ``fit``, ``coords``, ``smooth``)."""
-    fit, coords = FitConfig(), CoordConfig()
+    """Variant name -> option tree (``recipe``, ``fit``, ``coords``, ``inr``, ``smooth``)."""
+    fit, coords, inr = FitConfig(), CoordConfig(), INRConfig()
     out = {"paper": {"recipe": "paper"}, "default": {}}
     flips = [
+        # candidates for the unseen widths: more training at the narrow end, a smoother INR
+        # (fewer Fourier bands, wider coordinate noise)
+        ("fit", "width_sampling", "narrow" if fit.width_sampling == "uniform" else "uniform"),
+        ("inr", "frequencies", 8 if inr.frequencies != 8 else 16),
+        ("coords", "noise", 1.0 if coords.noise != 1.0 else 0.5),
+        # the ablation: each option of the default switched
         ("coords", "size_terms", not coords.size_terms),
         ("coords", "positions", "index" if coords.positions == "center" else "center"),
         ("fit", "recon_reduction", "sum" if fit.recon_reduction == "mean" else "mean"),
@@ -94,7 +101,7 @@ def _options(tree: dict, schedule: Schedule, config: RecipeBenchmarkConfig, seed
     coord_kw = {**base.get("coords", {}), **tree.get("coords", {})}
     fit_kw.update(prefit_steps=schedule.prefit_steps, steps=schedule.steps, eval_every=schedule.eval_every,
                   min_width=config.min_width, seed=seed)
-    return FitConfig(**fit_kw), CoordConfig(**coord_kw), tree.get("smooth", True)
+    return FitConfig(**fit_kw), CoordConfig(**coord_kw), INRConfig(**tree.get("inr", {})), tree.get("smooth", True)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -155,18 +162,21 @@ def run_variant(name: str, tree: dict, config: RecipeBenchmarkConfig, schedule: 
     """Fit one variant from the seed's base model and evaluate it (cached)."""
     folder = out / name.replace(" ", "").replace(",", "_").replace("=", "-")
     path = folder / "result.json"
-    fit_config, coords, smoothing = _options(tree, schedule, config, seed)
+    fit_config, coords, inr, smoothing = _options(tree, schedule, config, seed)
     options = {"fit": dataclasses.asdict(fit_config), "coords": dataclasses.asdict(coords), "smooth": smoothing,
-               "also_select": ALSO_SELECT}
+               "also_select": ALSO_SELECT, "inr": dataclasses.asdict(inr)}
     if path.exists():
         cached = json.loads(path.read_text())
+        # results written before an option existed were fitted at its default
+        cached["options"].setdefault("inr", dataclasses.asdict(INRConfig()))
+        cached["options"]["fit"].setdefault("width_sampling", "uniform")
         if json.loads(json.dumps(options)) == cached["options"]:
             return cached
         raise RuntimeError(f"{path} was fitted with other options than variant {name!r} has now (the defaults "
                            f"changed?); move {folder} away to fit it again")
     folder.mkdir(parents=True, exist_ok=True)
     base = load_model(out / "individual_1.safetensors").to(config.device)
-    manifold = build_manifold(base, data.example.to(config.device), INRConfig(), coords, smoothing=smoothing,
+    manifold = build_manifold(base, data.example.to(config.device), inr, coords, smoothing=smoothing,
                               seed=seed, log=log).to(config.device)
     log(f"seed {seed}: fitting {name!r}")
     result = {"variant": name, "seed": seed, "options": options}
