@@ -1,4 +1,5 @@
 """The recipe benchmark end to end on real Fashion-MNIST, at a smoke-test size."""
+import dataclasses
 import json
 import os
 
@@ -46,6 +47,19 @@ def test_benchmark_writes_table_json_and_plot_and_resumes(tmp_path):
     stamp = result_file.stat().st_mtime_ns
     assert rb.run(config, log=lambda *_: None, schedule=TINY) == table
     assert result_file.stat().st_mtime_ns == stamp
+    # the kept per-run results alone (a fresh clone: no run folder) rebuild the same table
+    kept = tmp_path / "recipe-runs" / "seed0"
+    assert {p.name for p in kept.iterdir()} == {"individual.json", "default.json", "paper.json"}
+    fresh = dataclasses.replace(config, out_dir=str(tmp_path / "fresh-runs"))
+    messages = []
+    assert rb.run(fresh, log=messages.append, schedule=TINY) == table
+    assert not list((tmp_path / "fresh-runs" / "seed0").glob("*/result.json"))  # nothing fitted again
+    assert not any("another base model" in str(m) for m in messages)  # the retrained base is the same
+    kept_default = json.loads((kept / "default.json").read_text())
+    (kept / "default.json").write_text(json.dumps(dict(kept_default, base_sha256="0" * 64)))
+    messages.clear()
+    rb.run(fresh, log=messages.append, schedule=TINY)
+    assert any("'default' was fitted from another base model" in str(m) for m in messages)
 
 
 def test_targets_are_judged_per_seed():

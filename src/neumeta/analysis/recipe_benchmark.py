@@ -4,7 +4,10 @@ For each seed: a base LeNet and individual LeNets at every evaluated width (same
 epochs, best epoch on validation); for each variant: the manifold fitted from that base
 (best checkpoint on validation), then test accuracy at each width and at every integer width of
 the smallest morphed group (for the plot). Each (variant, seed) result is a JSON file under the
-run folder, so an interrupted benchmark resumes and seeds can be added later.
+run folder and is kept beside the table (``benchmarks/results/recipe-runs/seed<N>/``, small JSON
+files meant to be committed), so an interrupted benchmark resumes and variants and seeds can be
+added in later sessions or on other machines; each records the SHA-256 of the base model it was
+fitted from, and a mismatch (a base retrained differently) is reported.
 
 Variants: the paper preset, the default, and the default with one option switched at a time
 (the ablation, and candidates for the unseen widths).
@@ -12,6 +15,7 @@ Variants: the paper preset, the default, and the default with one option switche
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import statistics
 import time
@@ -127,12 +131,40 @@ def _plain_step_seconds(model_name, data, lr, seed, device, steps=50) -> float:
     return statistics.mean(times[5:])
 
 
+def model_digest(file: Path) -> str:
+    """SHA-256 of a saved network's tensors (names, shapes and values), to tell two bases apart."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(load_model(file).state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _cached(paths: Sequence[Path]) -> Optional[dict]:
+    """The first of ``paths`` that exists, read (the run folder first, then the kept results)."""
+    for path in paths:
+        if path.exists():
+            return json.loads(path.read_text())
+    return None
+
+
+def _check_base(cached: dict, base_digest: str, what: str, log) -> None:
+    kept = cached.get("base_sha256")
+    if kept is not None and kept != base_digest:
+        log(f"warning: {what} was fitted from another base model (sha256 {kept[:12]}, this one {base_digest[:12]}); "
+            "its numbers are kept, but compare them with care")
+
+
 def run_seed_baselines(config: RecipeBenchmarkConfig, schedule: Schedule, seed: int, data, out: Path,
-                       log=print) -> dict:
-    """Base model and individual models of one seed (cached)."""
+                       log=print, store: Optional[Path] = None) -> dict:
+    """Base model and individual models of one seed (cached in ``out``, kept in ``store``)."""
     path = out / "individual.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    base_digest = model_digest(out / "individual_1.safetensors")
+    cached = _cached([path] + ([store / "individual.json"] if store else []))
+    if cached is not None:
+        _check_base(cached, base_digest, f"seed {seed}'s individual models", log)
+        return cached
     test, val, probe = {}, {}, None
     for width in WIDTHS:
         file = out / f"individual_{width:g}.safetensors"
@@ -151,29 +183,34 @@ def run_seed_baselines(config: RecipeBenchmarkConfig, schedule: Schedule, seed: 
         test[str(width)] = data.task.evaluate(model, data.test, config.device)[data.task.metric]
         val[str(width)] = data.task.evaluate(model, data.val, config.device)[data.task.metric]
         log(f"seed {seed}: individual width {width:g}: test {100 * test[str(width)]:.2f} %")
-    result = {"test": test, "val": val,
+    result = {"test": test, "val": val, "base_sha256": base_digest,
               "plain_step_seconds": _plain_step_seconds(config.model, data, schedule.lr, seed, config.device)}
-    _write_json(path, result)
+    for where in [path] + ([store / "individual.json"] if store else []):
+        _write_json(where, result)
     return result
 
 
 def run_variant(name: str, tree: dict, config: RecipeBenchmarkConfig, schedule: Schedule, seed: int, data,
-                out: Path, log=print) -> dict:
-    """Fit one variant from the seed's base model and evaluate it (cached)."""
+                out: Path, log=print, store: Optional[Path] = None) -> dict:
+    """Fit one variant from the seed's base model and evaluate it (cached in ``out``, kept in ``store``)."""
     folder = out / name.replace(" ", "").replace(",", "_").replace("=", "-")
     path = folder / "result.json"
+    kept = [path] + ([store / f"{folder.name}.json"] if store else [])
+    base_digest = model_digest(out / "individual_1.safetensors")
     fit_config, coords, inr, smoothing = _options(tree, schedule, config, seed)
     options = {"fit": dataclasses.asdict(fit_config), "coords": dataclasses.asdict(coords), "smooth": smoothing,
                "also_select": ALSO_SELECT, "inr": dataclasses.asdict(inr)}
-    if path.exists():
-        cached = json.loads(path.read_text())
+    cached = _cached(kept)
+    if cached is not None:
         # results written before an option existed were fitted at its default
         cached["options"].setdefault("inr", dataclasses.asdict(INRConfig()))
         cached["options"]["fit"].setdefault("width_sampling", "uniform")
         if json.loads(json.dumps(options)) == cached["options"]:
+            _check_base(cached, base_digest, f"seed {seed} of {name!r}", log)
             return cached
-        raise RuntimeError(f"{path} was fitted with other options than variant {name!r} has now (the defaults "
-                           f"changed?); move {folder} away to fit it again")
+        where = " or ".join(str(k) for k in kept if k.exists())
+        raise RuntimeError(f"{where} was fitted with other options than variant {name!r} has now (the defaults "
+                           f"changed?); move it away to fit it again")
     folder.mkdir(parents=True, exist_ok=True)
     base = load_model(out / "individual_1.safetensors").to(config.device)
     manifold = build_manifold(base, data.example.to(config.device), inr, coords, smoothing=smoothing,
@@ -184,13 +221,14 @@ def run_variant(name: str, tree: dict, config: RecipeBenchmarkConfig, schedule: 
         fitted = fit(manifold, data.task, data.train, data.val, fit_config, checkpoint=str(folder / "fit.ckpt"),
                      resume=True, selections=ALSO_SELECT)
     except DivergenceError as err:  # recorded as a collapse; the benchmark goes on
-        result.update(diverged=str(err), test={}, val={}, curve={})
-        _write_json(path, result)
+        result.update(diverged=str(err), test={}, val={}, curve={}, base_sha256=base_digest)
+        for where in kept:
+            _write_json(where, result)
         return result
     manifold = fitted.manifold
     space = manifold.space
     smallest = min(space.full, key=space.full.get)
-    result.update(device=device_name(config.device), date=time.strftime("%Y-%m-%d"))
+    result.update(device=device_name(config.device), date=time.strftime("%Y-%m-%d"), base_sha256=base_digest)
     result.update(best_step=fitted.best_step, rollbacks=fitted.rollbacks, step_seconds=fitted.step_seconds,
                   history=fitted.history, smallest_group=smallest, smallest_size=space.full[smallest])
     test, val = _evaluate(manifold, data, schedule, seed, config.device)
@@ -207,7 +245,8 @@ def run_variant(name: str, tree: dict, config: RecipeBenchmarkConfig, schedule: 
         curve[str(channels)] = data.task.evaluate(net, data.test, config.device)[data.task.metric]
     result.update(test=test, val=val, curve=curve)
     log(f"seed {seed}: {name}: " + ", ".join(f"{float(w):g}: {100 * a:.2f}" for w, a in test.items()))
-    _write_json(path, result)
+    for where in kept:
+        _write_json(where, result)
     return result
 
 
@@ -365,10 +404,12 @@ def run(config: RecipeBenchmarkConfig, log=print, schedule: Optional[Schedule] =
             base = train_base(config.model, data, schedule.epochs, schedule.lr, seed, config.device,
                               desc=f"base seed {seed}", keep_best=True)
             save_model(base, out / "individual_1.safetensors")
-        baseline = run_seed_baselines(config, schedule, seed, data, out, log)
+        store = results_stem.parent / f"{results_stem.name}-runs" / f"seed{seed}"
+        baseline = run_seed_baselines(config, schedule, seed, data, out, log, store)
         baselines.append(dict(baseline, seed=seed))
         for name in chosen:
-            results[name].append(run_variant(name, all_variants[name], config, schedule, seed, data, out, log))
+            results[name].append(run_variant(name, all_variants[name], config, schedule, seed, data, out, log,
+                                             store))
     fitted_on = sorted({r.get("device", "not recorded") for runs in results.values() for r in runs})
     device = "; ".join(fitted_on) or device_name(config.device)
     table = summarise(results, baselines, config, chance, device, schedule)
