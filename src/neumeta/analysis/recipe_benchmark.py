@@ -95,7 +95,8 @@ class RecipeBenchmarkConfig:
     min_width: float = 0.5
     device: str = "cpu"
     out_dir: Optional[str] = None  # default runs/recipe or runs/recipe-quick
-    results: Optional[str] = None  # default benchmarks/results/recipe(-quick)
+    results: Optional[str] = None  # default benchmarks/results/recipe(-quick); per-run results are kept
+                                   # beside it in recipe(-quick)-runs/, shared by every table
     data: DataConfig = field(default_factory=DataConfig)
 
 
@@ -141,12 +142,23 @@ def model_digest(file: Path) -> str:
     return digest.hexdigest()
 
 
-def _cached(paths: Sequence[Path]) -> Optional[dict]:
-    """The first of ``paths`` that exists, read (the run folder first, then the kept results)."""
-    for path in paths:
+def _cached(paths: Sequence[Path], base_digest: str) -> Optional[dict]:
+    """The first of ``paths`` that exists, read (the run folder first, then the kept results); a
+    result in the run folder was fitted from the base model beside it."""
+    for i, path in enumerate(paths):
         if path.exists():
-            return json.loads(path.read_text())
+            cached = json.loads(path.read_text())
+            if i == 0:
+                cached.setdefault("base_sha256", base_digest)
+            return cached
     return None
+
+
+def _keep(result: dict, paths: Sequence[Path]) -> None:
+    """Write ``result`` wherever it is missing (a run-folder result into the kept results)."""
+    for path in paths:
+        if not path.exists():
+            _write_json(path, result)
 
 
 def _check_base(cached: dict, base_digest: str, what: str, log) -> None:
@@ -161,9 +173,10 @@ def run_seed_baselines(config: RecipeBenchmarkConfig, schedule: Schedule, seed: 
     """Base model and individual models of one seed (cached in ``out``, kept in ``store``)."""
     path = out / "individual.json"
     base_digest = model_digest(out / "individual_1.safetensors")
-    cached = _cached([path] + ([store / "individual.json"] if store else []))
+    cached = _cached([path] + ([store / "individual.json"] if store else []), base_digest)
     if cached is not None:
         _check_base(cached, base_digest, f"seed {seed}'s individual models", log)
+        _keep(cached, [path] + ([store / "individual.json"] if store else []))
         return cached
     test, val, probe = {}, {}, None
     for width in WIDTHS:
@@ -200,13 +213,14 @@ def run_variant(name: str, tree: dict, config: RecipeBenchmarkConfig, schedule: 
     fit_config, coords, inr, smoothing = _options(tree, schedule, config, seed)
     options = {"fit": dataclasses.asdict(fit_config), "coords": dataclasses.asdict(coords), "smooth": smoothing,
                "also_select": ALSO_SELECT, "inr": dataclasses.asdict(inr)}
-    cached = _cached(kept)
+    cached = _cached(kept, base_digest)
     if cached is not None:
         # results written before an option existed were fitted at its default
         cached["options"].setdefault("inr", dataclasses.asdict(INRConfig()))
         cached["options"]["fit"].setdefault("width_sampling", "uniform")
         if json.loads(json.dumps(options)) == cached["options"]:
             _check_base(cached, base_digest, f"seed {seed} of {name!r}", log)
+            _keep(cached, kept)
             return cached
         where = " or ".join(str(k) for k in kept if k.exists())
         raise RuntimeError(f"{where} was fitted with other options than variant {name!r} has now (the defaults "
@@ -404,7 +418,7 @@ def run(config: RecipeBenchmarkConfig, log=print, schedule: Optional[Schedule] =
             base = train_base(config.model, data, schedule.epochs, schedule.lr, seed, config.device,
                               desc=f"base seed {seed}", keep_best=True)
             save_model(base, out / "individual_1.safetensors")
-        store = results_stem.parent / f"{results_stem.name}-runs" / f"seed{seed}"
+        store = results_stem.parent / f"{tag}-runs" / f"seed{seed}"  # shared by every table of this schedule
         baseline = run_seed_baselines(config, schedule, seed, data, out, log, store)
         baselines.append(dict(baseline, seed=seed))
         for name in chosen:
