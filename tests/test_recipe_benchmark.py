@@ -42,6 +42,7 @@ def test_benchmark_writes_table_json_and_plot_and_resumes(tmp_path):
     assert f"| default, checkpoint by {rule} (same fits) |" in table
     assert f"Targets for the default recipe, checkpoint by {rule}" in table
     assert (tmp_path / "recipe.png").stat().st_size > 10_000
+    assert (tmp_path / "recipe-trajectory.png").stat().st_size > 10_000  # validation along training
     # a second run reads the cached per-run results instead of fitting again
     result_file = next((tmp_path / "runs" / "seed0").glob("default/result.json"))
     stamp = result_file.stat().st_mtime_ns

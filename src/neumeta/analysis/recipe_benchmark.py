@@ -394,6 +394,39 @@ def plot(results: Dict[str, List[dict]], baselines: List[dict], config: RecipeBe
     plt.close(fig)
 
 
+def plot_trajectory(runs: List[dict], min_width: float, path: Path, title: str = "default") -> bool:
+    """Validation accuracy along training at every validated width, one line per seed: shows how
+    far the unseen widths move between evaluations (what checkpoint selection has to choose from)."""
+    runs = [r for r in runs if r.get("history")]
+    if not runs:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = [k for k in runs[0]["history"][0] if k != "step"]
+    widths = sorted({float(k.rsplit("@", 1)[1]) for k in keys}, reverse=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", "--", ":", "-."]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, width in enumerate(widths):
+        key = next(k for k in keys if float(k.rsplit("@", 1)[1]) == width)
+        for j, run in enumerate(runs):
+            steps = [row["step"] for row in run["history"] if key in row]
+            values = [100 * row[key] for row in run["history"] if key in row]
+            label = f"width {width:g}" + (" (unseen)" if width < min_width else "") if j == 0 else None
+            ax.plot(steps, values, styles[j % len(styles)], color=colours[i % len(colours)], label=label)
+    ax.set_xlabel("step (pre-fit included); line style: seed " + ", ".join(str(r["seed"]) for r in runs))
+    ax.set_ylabel("validation accuracy %")
+    ax.set_ylim(bottom=60)  # right after the pre-fit the narrow widths are near chance: off the plot
+    ax.set_title(f"{title}: validation accuracy along training")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def run(config: RecipeBenchmarkConfig, log=print, schedule: Optional[Schedule] = None) -> str:
     """Run (or resume) every chosen variant for every seed; write and return the table."""
     schedule = schedule or (QUICK if config.quick else Schedule())
@@ -431,6 +464,9 @@ def run(config: RecipeBenchmarkConfig, log=print, schedule: Optional[Schedule] =
     _write_json(results_stem.with_suffix(".json"), {"results": results, "baselines": baselines,
                                                    "config": dataclasses.asdict(config), "device": device})
     plot(results, baselines, config, results_stem.with_suffix(".png"))
+    if "default" in results:
+        plot_trajectory(results["default"], config.min_width,
+                        results_stem.parent / f"{results_stem.name}-trajectory.png")
     log(table)
     log(f"wrote {results_stem.with_suffix('.md')}, .json and .png")
     return table
