@@ -46,16 +46,21 @@ def _switched(name: str, value) -> str:
     return f"default, {name} = {value}"
 
 
+def candidate_flips() -> List[tuple]:
+    """Candidates for the unseen widths, not options of the default: more training at the narrow
+    end, a smoother INR (fewer Fourier bands, wider coordinate noise). ``--quick`` leaves them out
+    unless named (its time budget was measured on the paper preset, the default and the ablation)."""
+    fit, coords, inr = FitConfig(), CoordConfig(), INRConfig()
+    return [("fit", "width_sampling", "narrow" if fit.width_sampling == "uniform" else "uniform"),
+            ("inr", "frequencies", 8 if inr.frequencies != 8 else 16),
+            ("coords", "noise", 1.0 if coords.noise != 1.0 else 0.5)]
+
+
 def variants() -> Dict[str, dict]:
     """Variant name -> option tree (``recipe``, ``fit``, ``coords``, ``inr``, ``smooth``)."""
     fit, coords, inr = FitConfig(), CoordConfig(), INRConfig()
     out = {"paper": {"recipe": "paper"}, "default": {}}
-    flips = [
-        # candidates for the unseen widths: more training at the narrow end, a smoother INR
-        # (fewer Fourier bands, wider coordinate noise)
-        ("fit", "width_sampling", "narrow" if fit.width_sampling == "uniform" else "uniform"),
-        ("inr", "frequencies", 8 if inr.frequencies != 8 else 16),
-        ("coords", "noise", 1.0 if coords.noise != 1.0 else 0.5),
+    flips = candidate_flips() + [
         # the ablation: each option of the default switched
         ("coords", "size_terms", not coords.size_terms),
         ("coords", "positions", "index" if coords.positions == "center" else "center"),
@@ -431,7 +436,8 @@ def run(config: RecipeBenchmarkConfig, log=print, schedule: Optional[Schedule] =
     """Run (or resume) every chosen variant for every seed; write and return the table."""
     schedule = schedule or (QUICK if config.quick else Schedule())
     all_variants = variants()
-    chosen = list(config.variants) or list(all_variants)
+    candidates = {_switched(key, value) for _, key, value in candidate_flips()}
+    chosen = list(config.variants) or [v for v in all_variants if not (config.quick and v in candidates)]
     unknown = [v for v in chosen if v not in all_variants]
     if unknown:
         raise KeyError(f"unknown variant(s) {unknown}; available: {list(all_variants)}")
