@@ -67,7 +67,8 @@ HELP = {
     "collapse_margin": "a width counts as collapsed at metric <= chance + margin * (1 - chance)",
     "quick": "one seed and a short schedule (a smoke run in minutes; not for conclusions)",
     "seeds": "seeds: each trains its own base and individual models and fits every variant",
-    "variants": "variant names to run (default: all; with --quick all but the candidates for the unseen widths; see neumeta.analysis.recipe_benchmark.variants)",
+    "variants": "variant names to run (default: all; with --quick all but the candidates for the unseen "
+                "widths; see neumeta.analysis.recipe_benchmark.variants)",
     "results": "path stem of the written table (.md), raw numbers (.json) and plot (.png)",
     "recipe": "named recipe under the other options: default (chosen on validation) or paper (as published)",
     "ema": "decay of the exponential moving average of the INR used for evaluation",
