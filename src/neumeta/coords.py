@@ -9,7 +9,7 @@ and noise never touches it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Tuple
+from typing import Mapping, Optional, Tuple
 
 import torch
 
@@ -50,12 +50,20 @@ def _positions(count: int, how: str) -> torch.Tensor:
 
 
 def tensor_coordinates(space: WidthSpace, layer: MorphLayer, counts: Mapping[str, int],
-                       bias: bool, config: CoordConfig) -> Tuple[torch.Tensor, torch.Tensor]:
+                       bias: bool, config: CoordConfig,
+                       noise_counts: Optional[Mapping[str, int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Coordinate rows of one tensor at ``counts`` and the per-column noise scale.
 
     Rows are output-major (row = c_out * C_in + c_in), matching the weight's canonical layout.
+    The noise is ``config.noise`` cells of the channel's own width, but never wider than a cell
+    at ``noise_counts`` (the narrowest counts training drew): a network narrower than any trained
+    one is jittered only as far as training jittered.
     """
     c_in, c_out = space.layer_channels(layer, counts)
+    cell_in, cell_out = c_in, c_out
+    if noise_counts is not None:
+        min_in, min_out = space.layer_channels(layer, noise_counts)
+        cell_in, cell_out = max(c_in, min_in), max(c_out, min_out)
     num_layers, n = len(space.layers), float(space.max_channels)
     out_pos = _positions(c_out, config.positions)
     if bias:
@@ -68,7 +76,7 @@ def tensor_coordinates(space: WidthSpace, layer: MorphLayer, counts: Mapping[str
     grid_in = in_pos.repeat(c_out)
     rows = grid_out.numel()
     cols = [torch.full((rows,), layer.index / num_layers), grid_in, grid_out]
-    scale = [0.0, 0.0 if bias else 1.0 / c_in, 1.0 / c_out]
+    scale = [0.0, 0.0 if bias else 1.0 / cell_in, 1.0 / cell_out]
     if config.size_terms:
         cols += [torch.full((rows,), num_layers / n), torch.full((rows,), c_in / n),
                  torch.full((rows,), c_out / n)]

@@ -91,6 +91,7 @@ def save_manifold(manifold: WeightManifold, path, extra: Optional[dict] = None) 
         "fixed": list(space.output_layers),
         "inr": dataclasses.asdict(manifold.inr_config),
         "coords": dataclasses.asdict(manifold.coord_config),
+        "noise_counts": manifold.noise_counts,
         "extra": extra or {},
     }
     tensors = {f"inr.{k}": v for k, v in manifold.state_dict().items()}
@@ -117,6 +118,7 @@ def load_manifold(path, model: Optional[nn.Module] = None, map_location: str = "
         raise ValueError(f"{path}: stored network weights do not fit the model: {err}") from err
     space = WidthSpace(folded, example, groups=config["groups"], fixed=config.get("fixed", ()))
     manifold = WeightManifold(space, INRConfig(**config["inr"]), CoordConfig(**config["coords"]))
+    manifold.noise_counts = config.get("noise_counts")
     inr_state = {k[len("inr."):]: v for k, v in tensors.items() if k.startswith("inr.")}
     try:
         manifold.load_state_dict(inr_state)

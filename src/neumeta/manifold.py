@@ -110,6 +110,30 @@ class WeightManifold(nn.Module):
             scale.append(max(float(w.std()) if w.numel() > 1 else float(w.abs().mean()), 1e-3) * fan)
         self.register_buffer("output_scale", torch.tensor(scale, dtype=torch.float32))
         self._coord_cache: Dict[tuple, list] = {}
+        self._noise_counts: Optional[Dict[str, int]] = None
+
+    @property
+    def noise_counts(self) -> Optional[Dict[str, int]]:
+        """The narrowest channel counts training drew (``fit`` sets them; saved with the manifold).
+
+        A narrower network's coordinate noise, in training and in ``expected_parameters``, is no
+        wider than a cell at these counts: the INR was never asked to be smooth over a wider
+        window, and averaging it over the whole of a wide unseen cell blurs several trained
+        channels into one (measured: several points lower at the unseen 25 % width of LeNet).
+        ``None``: always a whole cell of the network's own width.
+        """
+        return self._noise_counts
+
+    @noise_counts.setter
+    def noise_counts(self, counts: Optional[Mapping[str, int]]):
+        if counts is not None:
+            unknown = set(counts) - set(self.space.groups)
+            if unknown:
+                raise ValueError(f"noise_counts names unknown channel group(s) {sorted(unknown)}; groups: "
+                                 f"{list(self.space.groups)}")
+            counts = {name: int(counts.get(name, size)) for name, size in self.space.full.items()}
+        self._noise_counts = counts
+        self._coord_cache.clear()
 
     # ----------------------------------------------------------------- helpers
     def _apply(self, fn, *args, **kwargs):
@@ -134,7 +158,8 @@ class WeightManifold(nn.Module):
                 self._coord_cache.clear()
             tables = []
             for s in self.specs:
-                coords, noise = tensor_coordinates(self.space, s.layer, counts, s.bias, self.coord_config)
+                coords, noise = tensor_coordinates(self.space, s.layer, counts, s.bias, self.coord_config,
+                                                   self._noise_counts)
                 tables.append((coords.to(self.device), noise.to(self.device)))
             self._coord_cache[key] = tables
         return self._coord_cache[key]

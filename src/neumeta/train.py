@@ -294,6 +294,7 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
     template = manifold.space.model
     targets = [t.to(device) for t in manifold.original_rows()]
     full = manifold.space.full
+    manifold.noise_counts = narrowest_widths(manifold, config)  # sampling never jitters wider than training
     ema = copy.deepcopy(manifold, memo={id(manifold.space): manifold.space})
     for p in ema.parameters():
         p.requires_grad_(False)

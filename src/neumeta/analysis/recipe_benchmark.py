@@ -40,6 +40,10 @@ WIDTHS = (1.0, 0.75, 0.5, 0.375, 0.25, 0.125)  # gamma = 0, 25, 50, 62.5, 75, 87
 # the mean validation accuracy of the trained widths and the narrowest width a user deploys,
 # gamma = 75 %. That width still gets no gradient; only the choice of checkpoint looks at it.
 ALSO_SELECT = {"validation incl. γ 75 %": (1.0, 0.75, 0.5, 0.25)}
+# How the test numbers sample a network (WeightManifold.noise_counts): K draws whose noise is
+# never wider than training's; unseen narrower widths are also evaluated the earlier way, with
+# noise over their whole (wider) cell, in ``test_whole_cell``.
+SAMPLING = "noise capped at the narrowest trained cell"
 
 
 def _switched(name: str, value) -> str:
@@ -217,7 +221,7 @@ def run_variant(name: str, tree: dict, config: RecipeBenchmarkConfig, schedule: 
     base_digest = model_digest(out / "individual_1.safetensors")
     fit_config, coords, inr, smoothing = _options(tree, schedule, config, seed)
     options = {"fit": dataclasses.asdict(fit_config), "coords": dataclasses.asdict(coords), "smooth": smoothing,
-               "also_select": ALSO_SELECT, "inr": dataclasses.asdict(inr)}
+               "also_select": ALSO_SELECT, "inr": dataclasses.asdict(inr), "sampling": SAMPLING}
     cached = _cached(kept, base_digest)
     if cached is not None:
         # results written before an option existed were fitted at its default
@@ -251,6 +255,7 @@ def run_variant(name: str, tree: dict, config: RecipeBenchmarkConfig, schedule: 
     result.update(best_step=fitted.best_step, rollbacks=fitted.rollbacks, step_seconds=fitted.step_seconds,
                   history=fitted.history, smallest_group=smallest, smallest_size=space.full[smallest])
     test, val = _evaluate(manifold, data, schedule, seed, config.device)
+    result["test_whole_cell"] = _evaluate_whole_cell(manifold, data, schedule, seed, config)
     alternatives = {}
     for rule, picked in fitted.alternatives.items():
         alt_test, alt_val = _evaluate(picked.manifold, data, schedule, seed, config.device)
@@ -277,6 +282,17 @@ def _evaluate(manifold, data, schedule: Schedule, seed: int, device):
         test[str(width)] = data.task.evaluate(net, data.test, device)[data.task.metric]
         val[str(width)] = data.task.evaluate(net, data.val, device)[data.task.metric]
     return test, val
+
+
+def _evaluate_whole_cell(manifold, data, schedule: Schedule, seed: int, config) -> Dict[str, float]:
+    """Test accuracy at the unseen narrower widths with noise over each one's whole cell."""
+    kept, manifold.noise_counts = manifold.noise_counts, None
+    try:
+        return {str(w): data.task.evaluate(manifold.sample(w, samples=schedule.samples, seed=seed).to(config.device),
+                                           data.test, config.device)[data.task.metric]
+                for w in WIDTHS if w < config.min_width}
+    finally:
+        manifold.noise_counts = kept
 
 
 def _cell(values: List[float]) -> str:
@@ -310,7 +326,8 @@ def summarise(results: Dict[str, List[dict]], baselines: List[dict], config: Rec
              f"({schedule.epochs} epochs per individual model; fit {schedule.prefit_steps} pre-fit + "
              f"{schedule.steps} joint steps, K = {schedule.samples}), trained range γ ∈ [0, {1 - config.min_width:g}], "
              f"table written {time.strftime('%Y-%m-%d')}, fits run on: {device}. Accuracy %, mean (min–max over seeds); "
-             "checkpoints chosen on the validation split.", "",
+             "checkpoints chosen on the validation split; K noisy draws per weight, never jittered wider than "
+             "training jittered (WeightManifold.noise_counts).", "",
              f"| variant | {head} | step time (× plain step) | collapsed seeds | rollbacks |",
              "|---|" + "---|" * (len(WIDTHS) + 3)]
     plain = statistics.mean(b["plain_step_seconds"] for b in baselines)
@@ -323,6 +340,11 @@ def summarise(results: Dict[str, List[dict]], baselines: List[dict], config: Rec
         ratio = f"{statistics.mean(steps) / plain:.0f}" if steps else "–"
         rollbacks = sum(len(r.get("rollbacks", [])) for r in runs)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {ratio} | {collapsed}/{len(runs)} | {rollbacks} |")
+        whole = [r for r in runs if r.get("test_whole_cell")]
+        if whole and len(whole) == len(runs):
+            cells = [_cell([r["test_whole_cell"].get(str(w), r["test"][str(w)]) for r in runs]) for w in WIDTHS]
+            lines.append(f"| {name}, unseen widths sampled over their whole cell (same fits) | " + " | ".join(cells)
+                         + " | – | – | – |")
         for rule, alt_runs in _alternative_runs(runs).items():
             cells = [_cell([r["test"][str(w)] for r in alt_runs]) for w in WIDTHS]
             lines.append(f"| {name}, checkpoint by {rule} (same fits) | " + " | ".join(cells) + " | – | – | – |")
