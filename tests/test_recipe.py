@@ -265,3 +265,11 @@ def test_narrow_width_sampling_stays_in_range_and_favours_the_narrow_end(small_m
     assert means["narrow"] == pytest.approx(0.5 + 0.5 / 3, abs=0.02)  # E[u^2] = 1/3 of the range
     with pytest.raises(ValueError, match="width_sampling"):
         nm.FitConfig(width_sampling="wide")
+
+
+def test_guard_ignores_a_width_outside_the_trained_range(small_manifold, tmp_path):
+    # evaluations of widths (1.0, 0.5, and 0.25 for a selection rule) at steps 4, 8, 12, 14: the
+    # unseen 0.25 dips to chance at step 8, which is no collapse of the trained manifold
+    scores = [0.8, 0.7, 0.16, 0.81, 0.71, 0.11, 0.82, 0.72, 0.15, 0.83, 0.73, 0.12]
+    result, _ = _fit(small_manifold, _ScriptedTask(scores=scores), tmp_path, selections={"unseen": (0.25,)})
+    assert result.rollbacks == [] and result.best_step == 14

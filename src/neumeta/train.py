@@ -363,7 +363,11 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
             if rank == 0 and progress:
                 tqdm.write("step %d: " % step + ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "step"))
             if config.guard and chance is not None:
+                # only the trained range: a width outside it (e.g. an unseen one watched for checkpoint
+                # selection) may sit near chance without anything having gone wrong
                 for w, v in values.items():
+                    if not config.min_width <= w <= config.max_width:
+                        continue
                     before = state["last_scores"].get(w)
                     if (not math.isfinite(v) or (before is not None and _is_collapsed(v, chance, config.collapse_margin)
                                                  and not _is_collapsed(before, chance, config.collapse_margin))):
