@@ -54,10 +54,10 @@ def test_benchmark_writes_table_json_and_plot_and_resumes(tmp_path):
     fresh = dataclasses.replace(config, out_dir=str(tmp_path / "fresh-runs"))
     messages = []
     assert rb.run(fresh, log=messages.append, schedule=TINY) == table
-    assert not list((tmp_path / "fresh-runs" / "seed0").glob("*/result.json"))  # nothing fitted again
+    assert not list((tmp_path / "fresh-runs" / "seed0").glob("*/fit.ckpt"))  # nothing fitted again
     assert not any("another base model" in str(m) for m in messages)  # the retrained base is the same
-    kept_default = json.loads((kept / "default.json").read_text())
-    (kept / "default.json").write_text(json.dumps(dict(kept_default, base_sha256="0" * 64)))
+    for copy in (kept / "default.json", tmp_path / "fresh-runs" / "seed0" / "default" / "result.json"):
+        copy.write_text(json.dumps(dict(json.loads(copy.read_text()), base_sha256="0" * 64)))
     messages.clear()
     rb.run(fresh, log=messages.append, schedule=TINY)
     assert any("'default' was fitted from another base model" in str(m) for m in messages)
