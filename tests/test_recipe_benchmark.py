@@ -71,3 +71,22 @@ def test_targets_are_judged_per_seed():
     assert "every seed within 1.0 point of its individual model: missed" in rb.targets([bad], [base], 0.1, 0.5)
     collapsed = {"seed": 0, "test": {**good["test"], "0.5": 0.1}}
     assert "no seed collapses: missed" in rb.targets([collapsed], [base], 0.1, 0.5)
+
+
+def test_base_models_do_not_depend_on_the_machines_thread_count(tmp_path):
+    import torch
+    from neumeta.experiment import load_data, train_base
+    from neumeta.io import save_model
+    data = load_data(DataConfig(train_size=512, val_size=500), 0)
+    before = torch.get_num_threads()
+    digests = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        with rb.reproducible_threads("cpu"):
+            assert torch.get_num_threads() == 1
+            model = train_base("lenet", data, 1, 1e-3, 0, "cpu", progress=False)
+        assert torch.get_num_threads() == threads  # restored
+        save_model(model, tmp_path / f"base{threads}.safetensors")
+        digests.append(rb.model_digest(tmp_path / f"base{threads}.safetensors"))
+    torch.set_num_threads(before)
+    assert digests[0] == digests[1]

@@ -14,6 +14,7 @@ Variants: the paper preset, the default, and the default with one option switche
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -141,6 +142,22 @@ def _plain_step_seconds(model_name, data, lr, seed, device, steps=50) -> float:
     return statistics.mean(times[5:])
 
 
+@contextlib.contextmanager
+def reproducible_threads(device):
+    """One torch thread on a CPU: a base or individual model then comes out bit-identical on any
+    machine size (measured: the seed-0 base LeNet trained with 1 and with 2 threads differs), so
+    results kept from another session were fitted from the same base."""
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def model_digest(file: Path) -> str:
     """SHA-256 of a saved network's tensors (names, shapes and values), to tell two bases apart."""
     digest = hashlib.sha256()
@@ -198,8 +215,10 @@ def run_seed_baselines(config: RecipeBenchmarkConfig, schedule: Schedule, seed: 
                 if probe is None:  # the channel counts a sampled network of this width has
                     probe = WidthSpace(fold_batchnorm(load_model(out / "individual_1.safetensors")), data.example)
                 kwargs = width_kwargs(config.model, probe.resolve(width))
-            model = train_base(config.model, data, schedule.epochs, schedule.lr, seed, config.device,
-                               progress=True, desc=f"individual {width:g} seed {seed}", keep_best=True, **kwargs)
+            with reproducible_threads(config.device):
+                model = train_base(config.model, data, schedule.epochs, schedule.lr, seed, config.device,
+                                   progress=True, desc=f"individual {width:g} seed {seed}", keep_best=True,
+                                   **kwargs)
             save_model(model, file)
         model.to(config.device)
         test[str(width)] = data.task.evaluate(model, data.test, config.device)[data.task.metric]
@@ -476,8 +495,9 @@ def run(config: RecipeBenchmarkConfig, log=print, schedule: Optional[Schedule] =
         data = load_data(config.data, seed)
         chance = data.task.chance
         if not (out / "individual_1.safetensors").exists():
-            base = train_base(config.model, data, schedule.epochs, schedule.lr, seed, config.device,
-                              desc=f"base seed {seed}", keep_best=True)
+            with reproducible_threads(config.device):
+                base = train_base(config.model, data, schedule.epochs, schedule.lr, seed, config.device,
+                                  desc=f"base seed {seed}", keep_best=True)
             save_model(base, out / "individual_1.safetensors")
         store = results_stem.parent / f"{tag}-runs" / f"seed{seed}"  # shared by every table of this schedule
         baseline = run_seed_baselines(config, schedule, seed, data, out, log, store)
