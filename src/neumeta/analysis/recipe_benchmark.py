@@ -255,10 +255,13 @@ def run_variant(name: str, tree: dict, config: RecipeBenchmarkConfig, schedule: 
                            f"changed?); move it away to fit it again")
     folder.mkdir(parents=True, exist_ok=True)
     base = load_model(out / "individual_1.safetensors").to(config.device)
+    # the INR's initialisation draws from torch's global generator: seed it here, or it depends on
+    # whatever ran before in this process (e.g. whether the individual models were cached)
+    torch.manual_seed(seed)
     manifold = build_manifold(base, data.example.to(config.device), inr, coords, smoothing=smoothing,
                               seed=seed, log=log).to(config.device)
     log(f"seed {seed}: fitting {name!r}")
-    result = {"variant": name, "seed": seed, "options": options}
+    result = {"variant": name, "seed": seed, "options": options, "init": "torch.manual_seed(seed) before the INR"}
     try:
         fitted = fit(manifold, data.task, data.train, data.val, fit_config, checkpoint=str(folder / "fit.ckpt"),
                      resume=True, selections=ALSO_SELECT)
