@@ -90,3 +90,21 @@ def test_base_models_do_not_depend_on_the_machines_thread_count(tmp_path):
         digests.append(rb.model_digest(tmp_path / f"base{threads}.safetensors"))
     torch.set_num_threads(before)
     assert digests[0] == digests[1]
+
+
+@pytest.mark.slow
+def test_a_variant_fits_the_same_whatever_ran_before_in_the_process(tmp_path):
+    import shutil
+    import torch
+    config = rb.RecipeBenchmarkConfig(seeds=(0,), variants=("default",), out_dir=str(tmp_path / "runs"),
+                                      results=str(tmp_path / "recipe"), data=DataConfig(train_size=256, val_size=200))
+    schedule = rb.Schedule(epochs=1, prefit_steps=3, steps=3, eval_every=3, samples=1, curve_samples=1)
+    results = []
+    for noise in (0, 1000):
+        torch.rand(noise)  # what ran before: other draws from torch's global generator
+        rb.run(config, log=lambda *_: None, schedule=schedule)
+        results.append(json.loads((tmp_path / "recipe.json").read_text())["results"]["default"][0])
+        # fit again, the base and individual models now cached (no training reseeds torch first)
+        shutil.rmtree(tmp_path / "runs" / "seed0" / "default")
+        (tmp_path / "recipe-runs" / "seed0" / "default.json").unlink()
+    assert results[0]["history"] == results[1]["history"] and results[0]["test"] == results[1]["test"]
