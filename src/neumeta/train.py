@@ -307,7 +307,6 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
     selections = {name: tuple(float(w) for w in widths) for name, widths in (selections or {}).items()}
     validated = config.validated_widths + tuple(dict.fromkeys(
         w for widths in selections.values() for w in widths if w not in config.validated_widths))
-    state["alternatives"] = {name: {"best_score": -math.inf, "best_step": -1, "best": None} for name in selections}
 
     def capture() -> dict:
         return copy.deepcopy({"inr": manifold.state_dict(), "ema": ema.state_dict(),
@@ -326,7 +325,7 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
 
     if resume and checkpoint and Path(checkpoint).exists():
         restore(torch.load(checkpoint, map_location=device, weights_only=False))
-    for name in selections:  # a checkpoint written before a rule was added starts it afresh
+    for name in selections:  # each rule starts afresh, also when resuming from a checkpoint written before it
         state.setdefault("alternatives", {}).setdefault(name, {"best_score": -math.inf, "best_step": -1, "best": None})
     good = capture()  # the divergence guard's rollback point
 

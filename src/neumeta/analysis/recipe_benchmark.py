@@ -197,12 +197,12 @@ def _check_base(cached: dict, base_digest: str, what: str, log) -> None:
 def run_seed_baselines(config: RecipeBenchmarkConfig, schedule: Schedule, seed: int, data, out: Path,
                        log=print, store: Optional[Path] = None) -> dict:
     """Base model and individual models of one seed (cached in ``out``, kept in ``store``)."""
-    path = out / "individual.json"
+    kept = [out / "individual.json"] + ([store / "individual.json"] if store else [])
     base_digest = model_digest(out / "individual_1.safetensors")
-    cached = _cached([path] + ([store / "individual.json"] if store else []), base_digest)
+    cached = _cached(kept, base_digest)
     if cached is not None:
         _check_base(cached, base_digest, f"seed {seed}'s individual models", log)
-        _keep(cached, [path] + ([store / "individual.json"] if store else []))
+        _keep(cached, kept)
         return cached
     test, val, probe = {}, {}, None
     for width in WIDTHS:
@@ -226,7 +226,7 @@ def run_seed_baselines(config: RecipeBenchmarkConfig, schedule: Schedule, seed: 
         log(f"seed {seed}: individual width {width:g}: test {100 * test[str(width)]:.2f} %")
     result = {"test": test, "val": val, "base_sha256": base_digest,
               "plain_step_seconds": _plain_step_seconds(config.model, data, schedule.lr, seed, config.device)}
-    for where in [path] + ([store / "individual.json"] if store else []):
+    for where in kept:
         _write_json(where, result)
     return result
 
