@@ -74,6 +74,25 @@ def test_sample_command_reports_flops_of_both_networks(small_manifold, tmp_path,
     assert f"FLOPs per sample: {small:,} of {full:,}" in printed
 
 
+def test_sample_command_calibrates_by_default_and_names_a_mismatching_dataset(small_manifold, tmp_path, capsys):
+    import os
+    import torch
+    if not os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"):
+        pytest.skip("needs the Fashion-MNIST files (CI installs dataset-fashion-mnist)")
+    path = small_manifold.save(tmp_path / "m.neumeta")
+    main(["sample", "--manifold", str(path), "--width", "0.5", "--samples", "1", "--calibrate", "3",
+          "--out", str(tmp_path / "a.safetensors")])
+    assert "calibrated: 5 layers on 3 training batches of fashion-mnist" in capsys.readouterr().out
+    main(["sample", "--manifold", str(path), "--width", "0.5", "--samples", "1", "--calibrate", "0",
+          "--out", str(tmp_path / "b.safetensors")])
+    assert "calibrated" not in capsys.readouterr().out
+    x = torch.zeros(2, 3, 32, 32)
+    cifar = nm.WeightManifold(nm.WidthSpace(nm.create_model("resnet20"), x, groups="paper"),
+                              nm.INRConfig(hidden=8, depth=2, frequencies=2))
+    with pytest.raises(SystemExit, match=r"\(3, 32, 32\).*fashion-mnist.*\(1, 28, 28\).*--calibrate 0"):
+        main(["sample", "--manifold", str(cifar.save(tmp_path / "c.neumeta")), "--width", "0.5", "--samples", "1"])
+
+
 def test_sample_command_reports_bad_width(small_manifold, tmp_path, capsys):
     path = small_manifold.save(tmp_path / "m.neumeta")
     with pytest.raises(SystemExit):

@@ -37,9 +37,18 @@ def test_benchmark_writes_table_json_and_plot_and_resumes(tmp_path):
     default = raw["results"]["default"][0]
     assert set(default["test"]) == {str(w) for w in rb.WIDTHS}
     assert len(default["curve"]) == 16  # every channel count of lenet's conv1
+    assert set(default["curve_calibrated"]) == set(default["curve"])
     (rule, alt), = default["alternatives"].items()  # the second selection rule, same fit
     assert alt["widths"] == [1.0, 0.75, 0.5, 0.25] and set(alt["test"]) == set(default["test"])
     assert f"| default, checkpoint by {rule} (same fits) |" in table
+    assert f"| default, {rb.CALIBRATED} (same fits) |" in table
+    assert f"Targets for the default recipe, {rb.CALIBRATED}" in table
+    # a fit step against a plain step, timed back to back: the INR's generation costs more than
+    # the network's own step, and the table shows the measured ratio
+    cost = default["step_cost"]
+    assert cost["ratio"] == pytest.approx(cost["fit_step_seconds"] / cost["plain_step_seconds"]) and cost["ratio"] > 1
+    assert f" | {cost['ratio']:.1f} | " in next(line for line in table.splitlines()
+                                                      if line.startswith("| default |"))
     assert f"Targets for the default recipe, checkpoint by {rule}" in table
     assert (tmp_path / "recipe.png").stat().st_size > 10_000
     assert (tmp_path / "recipe-trajectory.png").stat().st_size > 10_000  # validation along training
@@ -56,6 +65,24 @@ def test_benchmark_writes_table_json_and_plot_and_resumes(tmp_path):
     assert rb.run(fresh, log=messages.append, schedule=TINY) == table
     assert not list((tmp_path / "fresh-runs" / "seed0").glob("*/fit.ckpt"))  # nothing fitted again
     assert not any("another base model" in str(m) for m in messages)  # the retrained base is the same
+    # a result kept before calibration existed gets the same calibrated numbers from its finished
+    # checkpoint, without fitting again
+    paper = json.loads((kept / "paper.json").read_text())
+    assert set(paper["test_calibrated"]) == set(paper["test"])
+    assert paper["test_calibrated"]["1.0"] == pytest.approx(paper["test"]["1.0"], abs=2e-3)  # identity at full width
+    for copy in (kept / "paper.json", tmp_path / "runs" / "seed0" / "paper" / "result.json"):
+        copy.write_text(json.dumps({k: v for k, v in json.loads(copy.read_text()).items()
+                                    if k not in ("test_calibrated", "val_calibrated")}))
+    stamp = (tmp_path / "runs" / "seed0" / "paper" / "fit.ckpt").stat().st_mtime_ns
+    rb.run(config, log=lambda *_: None, schedule=TINY)
+    assert json.loads((kept / "paper.json").read_text())["test_calibrated"] == paper["test_calibrated"]
+    assert (tmp_path / "runs" / "seed0" / "paper" / "fit.ckpt").stat().st_mtime_ns == stamp
+    # a result kept before the step cost was measured gets it measured, without fitting again
+    for copy in (kept / "paper.json", tmp_path / "fresh-runs" / "seed0" / "paper" / "result.json"):
+        copy.write_text(json.dumps({k: v for k, v in json.loads(copy.read_text()).items() if k != "step_cost"}))
+    rb.run(fresh, log=lambda *_: None, schedule=TINY)
+    assert json.loads((kept / "paper.json").read_text())["step_cost"]["ratio"] > 1
+    assert not list((tmp_path / "fresh-runs" / "seed0").glob("*/fit.ckpt"))
     for copy in (kept / "default.json", tmp_path / "fresh-runs" / "seed0" / "default" / "result.json"):
         copy.write_text(json.dumps(dict(json.loads(copy.read_text()), base_sha256="0" * 64)))
     messages.clear()

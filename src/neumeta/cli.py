@@ -92,6 +92,8 @@ HELP = {
     "width": "a width multiplier (0.5), or exact channels/multipliers per group (conv1=8,fc1=0.5)",
     "widths": "width multipliers to evaluate",
     "samples": "noisy coordinate draws averaged per weight (the paper's K)",
+    "calibrate": "training batches (unlabelled) that calibrate each sampled network's activation statistics "
+                 "to the full width's (neumeta.calibrate; 0 = off): several points at unseen narrow widths",
     "smooth": "reorder channels by the TSP smoothing permutation before fitting (same function, smoother weights)",
     "split": "which split to evaluate: val or test",
     "input_shape": "shape of one input (without the batch), for tracing",
@@ -132,8 +134,10 @@ class SampleConfig:
     manifold: str = "runs/manifold.neumeta"
     width: str = "0.5"
     samples: int = 50
+    calibrate: int = 20
     seed: int = 0
     out: Optional[str] = None
+    data: DataConfig = field(default_factory=DataConfig)  # the calibration inputs
 
 
 @dataclass
@@ -149,6 +153,7 @@ class EvalConfig:
     manifold: str = "runs/manifold.neumeta"
     widths: Sequence[float] = (1.0, 0.75, 0.5, 0.25)
     samples: int = 50
+    calibrate: int = 20
     split: str = "test"
     seed: int = 0
     device: str = "cpu"
@@ -276,16 +281,37 @@ def cmd_fit(c: FitCommandConfig) -> None:
           f"wrote {c.out}")
 
 
+def _calibration(manifold, c, data=None) -> dict:
+    """``sample``'s calibration arguments: the first ``c.calibrate`` training batches, or none."""
+    from .calibrate import calibration_inputs
+    if c.calibrate < 0:
+        raise SystemExit(f"error: --calibrate must be a number of batches >= 0 (0 = off), not {c.calibrate}")
+    batches = c.calibrate
+    if batches == 0:
+        return {}
+    data = data or load_data(c.data, c.seed)
+    example = manifold.space.example_inputs
+    if tuple(data.example.shape[1:]) != tuple(example.shape[1:]):
+        raise SystemExit(f"error: --calibrate needs inputs shaped like the manifold's network "
+                         f"{tuple(example.shape[1:])}, but dataset {c.data.dataset!r} gives "
+                         f"{tuple(data.example.shape[1:])}; name the right --dataset or pass --calibrate 0")
+    return {"calibration": calibration_inputs(data.train, batches), "calibration_batches": batches}
+
+
 def cmd_sample(c: SampleConfig) -> None:
     manifold = load_manifold(c.manifold)
     width = _parse_width(c.width)
     counts = manifold.space.resolve(width)
-    module = manifold.sample(counts, samples=c.samples, seed=c.seed)
+    module = manifold.sample(counts, samples=c.samples, seed=c.seed, **_calibration(manifold, c))
     full = count_parameters(manifold.space.model)
     out = c.out or f"{Path(c.manifold).with_suffix('')}_w{c.width.replace('=', '').replace(',', '_')}.safetensors"
     save_model(module, out)
     note = " (outside the trained range: extrapolated)" if manifold.space.is_extrapolation(counts) else ""
     print(f"channels: {json.dumps(counts)}{note}")
+    report = getattr(module, "neumeta_calibration", None)
+    if report is not None:
+        print(f"calibrated: {len(report.layers)} layers on {report.batches} training batches of {c.data.dataset} "
+              f"(largest channel rescale x{report.max_scale:.2f})")
     print(f"parameters: {count_parameters(module):,} of {full:,} ({100 * count_parameters(module) / full:.1f} % of full)")
     from .flops import count_flops
     one = manifold.space.example_inputs  # per-sample FLOPs: a batch of one
@@ -305,7 +331,7 @@ def cmd_eval(c: EvalConfig) -> None:
     print("|---|---|---|---|---|")
     for width in c.widths:
         counts = manifold.space.resolve(width)
-        module = manifold.sample(counts, samples=c.samples, seed=c.seed)
+        module = manifold.sample(counts, samples=c.samples, seed=c.seed, **_calibration(manifold, c, data))
         score = data.task.evaluate(module, batches, c.device)[data.task.metric]
         print(f"| {width:g} | {100 * (1 - width):.1f} % | {'/'.join(map(str, counts.values()))} | "
               f"{count_parameters(module):,} | {100 * score:.2f} |")

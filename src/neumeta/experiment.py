@@ -14,6 +14,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
+from .calibrate import calibration_inputs
 from .coords import CoordConfig
 from .data import TensorLoader, load_fashion_mnist
 from .fold import fold_batchnorm
@@ -103,6 +104,7 @@ class DemoConfig:
     seed: int = 0
     widths: Sequence[float] = (1.0, 0.75, 0.5, 0.25)
     samples: int = 50
+    calibrate: int = 20          # training batches calibrating each sampled network (0 = off)
     smooth: bool = True
     recipe: str = "default"      # CLI/YAML: named recipe under the fit/coords options; in Python
                                  # build fit/coords with nm.recipe(name) instead
@@ -147,7 +149,13 @@ def run_demo(config: DemoConfig, progress: bool = True, log=print) -> Dict:
     space = manifold.space
     for width in config.widths:
         counts = space.resolve(width)
-        sampled = manifold.sample(counts, samples=config.samples, seed=config.seed)
+        plain = manifold.sample(counts, samples=config.samples, seed=config.seed)
+        batches = config.calibrate
+        if batches < 0:
+            raise ValueError(f"demo: calibrate must be a number of batches >= 0 (0 = off), not {batches}")
+        sampled = plain if batches == 0 else manifold.sample(
+            counts, samples=config.samples, seed=config.seed,
+            calibration=calibration_inputs(data.train, batches), calibration_batches=batches)
         if width == 1.0:
             individual = base
         else:
@@ -168,6 +176,8 @@ def run_demo(config: DemoConfig, progress: bool = True, log=print) -> Dict:
             "individual_val": data.task.evaluate(individual, data.val, config.device)["accuracy"],
             "neumeta_test": data.task.evaluate(sampled, data.test, config.device)["accuracy"],
             "neumeta_val": data.task.evaluate(sampled, data.val, config.device)["accuracy"],
+            "neumeta_test_uncalibrated": data.task.evaluate(plain, data.test, config.device)["accuracy"],
+            "calibration_batches": batches,
         })
     summary = {
         "rows": rows,
@@ -186,14 +196,17 @@ def run_demo(config: DemoConfig, progress: bool = True, log=print) -> Dict:
 
 
 def format_table(summary: Dict) -> str:
-    lines = ["| γ (compression) | width | channels | params | individual test acc % | NeuMeta test acc % | Δ |",
-             "|---|---|---|---|---|---|---|"]
+    calibrated = any(r.get("calibration_batches") for r in summary["rows"])
+    lines = ["| γ (compression) | width | channels | params | individual test acc % | NeuMeta test acc % | Δ |"
+             + (" NeuMeta without calibration % |" if calibrated else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if calibrated else "")]
     for r in summary["rows"]:
         unseen = "" if r["trained_range"] else " (unseen)"
         chans = "/".join(str(c) for c in r["channels"].values())
         lines.append(f"| {100 * r['gamma']:.0f} %{unseen} | {r['width']:g} | {chans} | {r['params']:,} | "
                      f"{100 * r['individual_test']:.2f} | {100 * r['neumeta_test']:.2f} | "
-                     f"{100 * (r['neumeta_test'] - r['individual_test']):+.2f} |")
+                     f"{100 * (r['neumeta_test'] - r['individual_test']):+.2f} |"
+                     + (f" {100 * r['neumeta_test_uncalibrated']:.2f} |" if calibrated else ""))
     lines.append("")
     lines.append(f"Stored parameters: {len(summary['rows'])} individual models {summary['stored_individual']:,}; "
                  f"one NeuMeta manifold (INR) {summary['stored_manifold']:,}, any width.")

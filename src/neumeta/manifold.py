@@ -13,6 +13,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from .calibrate import calibrate
 from .coords import CoordConfig, tensor_coordinates
 from .groups import MorphLayer, Width, WidthSpace
 from .inr import BlockMLP, FourierFeatures, INRConfig
@@ -243,10 +244,23 @@ class WeightManifold(nn.Module):
         return {k: v / samples for k, v in total.items()}
 
     @torch.no_grad()
-    def sample(self, width: Width = 1.0, samples: int = 50, seed: int = 0) -> nn.Module:
+    def sample(self, width: Width = 1.0, samples: int = 50, seed: int = 0, calibration=None,
+               calibration_batches: int = 20) -> nn.Module:
         """A standalone network at ``width``: a multiplier of every morphable group (1.0 = full),
-        or ``{group: channels (int) or multiplier (float)}``. Widths above 1.0 extrapolate."""
+        or ``{group: channels (int) or multiplier (float)}``. Widths above 1.0 extrapolate.
+
+        ``calibration``: unlabelled input batches (e.g. the training loader); the first
+        ``calibration_batches`` of them give every morphed layer the full width's activation
+        statistics (``neumeta.calibrate``): a no-op at full width, several points at unseen
+        narrower widths.
+        """
         counts = self.space.resolve(width)
+        if calibration is not None:
+            module = self.sample(counts, samples, seed)
+            reference = self.sample(self.space.full, samples, seed)
+            module.neumeta_calibration = calibrate(module, reference, self.space, counts, calibration,
+                                                   calibration_batches, self.coord_config.positions)
+            return module
         if self.space.is_extrapolation(counts):
             warnings.warn(f"width {width} is wider than the trained network: extrapolating outside the "
                           f"trained range", stacklevel=2)

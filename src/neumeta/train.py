@@ -374,17 +374,15 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
                         return f"validation {task.metric} at width {w:g} fell to {v:.4f} (chance {chance:.4f}{was})"
             state["last_scores"] = values
             chosen = config.select_widths or config.eval_widths
-            score = sum(values[w] for w in chosen) / len(chosen)
             state["history"].append(row)
-            if score > state["best_score"]:
-                state.update(best_score=score, best_step=step,
-                             best={k: v.detach().clone() for k, v in ema.state_dict().items()})
-            for name, widths in selections.items():
-                alt = state["alternatives"][name]
-                alt_score = sum(values[w] for w in widths) / len(widths)
-                if alt_score > alt["best_score"]:
-                    alt.update(best_score=alt_score, best_step=step,
-                               best={k: v.detach().clone() for k, v in ema.state_dict().items()})
+            # the primary rule's record is ``state`` itself (best_score, best_step, best), each
+            # other rule's is state["alternatives"][name]; one comparison keeps each
+            rules = [(state, chosen)] + [(state["alternatives"][name], widths) for name, widths in selections.items()]
+            for record, widths in rules:
+                rule_score = sum(values[w] for w in widths) / len(widths)
+                if rule_score > record["best_score"]:
+                    record.update(best_score=rule_score, best_step=step,
+                                  best={k: v.detach().clone() for k, v in ema.state_dict().items()})
         state["step"] = step
         good = capture()
         if checkpoint and rank == 0:

@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..calibrate import DEFAULT_BATCHES, calibration_inputs
 from ..coords import CoordConfig
 from ..experiment import DataConfig, build_manifold, load_data, train_base
 from ..fold import fold_batchnorm
@@ -45,6 +46,11 @@ ALSO_SELECT = {"validation incl. γ 75 %": (1.0, 0.75, 0.5, 0.25)}
 # never wider than training's; unseen narrower widths are also evaluated the earlier way, with
 # noise over their whole (wider) cell, in ``test_whole_cell``.
 SAMPLING = "noise capped at the narrowest trained cell"
+# Statistics calibration of every sampled network (neumeta.calibrate) on this many training batches:
+# recorded beside the plain numbers (``test_calibrated``), same fits.
+CALIBRATION_BATCHES = DEFAULT_BATCHES
+# what the calibrated numbers of a result were measured with: a result measured otherwise is measured again
+CALIBRATION = f"every generated layer incl. the classifier, cell means of the full width, {CALIBRATION_BATCHES} batches"
 
 
 def _switched(name: str, value) -> str:
@@ -63,7 +69,7 @@ def candidate_flips() -> List[tuple]:
 
 def variants() -> Dict[str, dict]:
     """Variant name -> option tree (``recipe``, ``fit``, ``coords``, ``inr``, ``smooth``)."""
-    fit, coords, inr = FitConfig(), CoordConfig(), INRConfig()
+    fit, coords = FitConfig(), CoordConfig()
     out = {"paper": {"recipe": "paper"}, "default": {}}
     flips = candidate_flips() + [
         # the ablation: each option of the default switched
@@ -139,7 +145,29 @@ def _plain_step_seconds(model_name, data, lr, seed, device, steps=50) -> float:
         loss.backward()
         opt.step()
         times.append(time.perf_counter() - start)
-    return statistics.mean(times[5:])
+    return statistics.mean(times[min(5, steps // 3):])
+
+
+def step_cost(tree: dict, config: "RecipeBenchmarkConfig", schedule: "Schedule", seed: int, data, out: Path,
+              rounds: int = 3, steps: int = 12) -> dict:
+    """A fit step of this variant against a plain step of the full model, timed back to back.
+
+    Rounds of ``steps`` fit steps (a fresh manifold, no pre-fit, no evaluation) then ``steps``
+    plain steps, in one process: whatever else runs on the machine slows both alike, so the ratio
+    holds under any load (timing a fit and the baseline hours apart did not: 18x to 63x measured).
+    """
+    fit_config, coords, inr, smoothing = _options(tree, schedule, config, seed)
+    fit_config = dataclasses.replace(fit_config, prefit_steps=0, steps=steps, eval_every=10 ** 9, warmup=0.0)
+    base = load_model(out / "individual_1.safetensors").to(config.device)
+    manifold = build_manifold(base, data.example.to(config.device), inr, coords, smoothing=smoothing, seed=seed,
+                              log=lambda *_: None).to(config.device)
+    fit_times, plain_times = [], []
+    for _ in range(rounds):
+        fit_times.append(fit(manifold, data.task, data.train, None, fit_config, progress=False).step_seconds)
+        plain_times.append(_plain_step_seconds(config.model, data, schedule.lr, seed, config.device, steps))
+    fit_s, plain_s = statistics.median(fit_times), statistics.median(plain_times)
+    return {"fit_step_seconds": fit_s, "plain_step_seconds": plain_s, "ratio": fit_s / plain_s,
+            "how": f"{rounds} rounds of {steps} fit steps then {steps} plain steps, one process, medians"}
 
 
 @contextlib.contextmanager
@@ -195,10 +223,10 @@ def _check_base(cached: dict, base_digest: str, what: str, log) -> None:
 
 
 def run_seed_baselines(config: RecipeBenchmarkConfig, schedule: Schedule, seed: int, data, out: Path,
-                       log=print, store: Optional[Path] = None) -> dict:
+                       log=print, store: Optional[Path] = None, base_digest: Optional[str] = None) -> dict:
     """Base model and individual models of one seed (cached in ``out``, kept in ``store``)."""
     kept = [out / "individual.json"] + ([store / "individual.json"] if store else [])
-    base_digest = model_digest(out / "individual_1.safetensors")
+    base_digest = base_digest or model_digest(out / "individual_1.safetensors")
     cached = _cached(kept, base_digest)
     if cached is not None:
         _check_base(cached, base_digest, f"seed {seed}'s individual models", log)
@@ -232,12 +260,12 @@ def run_seed_baselines(config: RecipeBenchmarkConfig, schedule: Schedule, seed: 
 
 
 def run_variant(name: str, tree: dict, config: RecipeBenchmarkConfig, schedule: Schedule, seed: int, data,
-                out: Path, log=print, store: Optional[Path] = None) -> dict:
+                out: Path, log=print, store: Optional[Path] = None, base_digest: Optional[str] = None) -> dict:
     """Fit one variant from the seed's base model and evaluate it (cached in ``out``, kept in ``store``)."""
     folder = out / name.replace(" ", "").replace(",", "_").replace("=", "-")
     path = folder / "result.json"
     kept = [path] + ([store / f"{folder.name}.json"] if store else [])
-    base_digest = model_digest(out / "individual_1.safetensors")
+    base_digest = base_digest or model_digest(out / "individual_1.safetensors")
     fit_config, coords, inr, smoothing = _options(tree, schedule, config, seed)
     options = {"fit": dataclasses.asdict(fit_config), "coords": dataclasses.asdict(coords), "smooth": smoothing,
                "also_select": ALSO_SELECT, "inr": dataclasses.asdict(inr), "sampling": SAMPLING}
@@ -248,23 +276,20 @@ def run_variant(name: str, tree: dict, config: RecipeBenchmarkConfig, schedule: 
         cached["options"]["fit"].setdefault("width_sampling", "uniform")
         if json.loads(json.dumps(options)) == cached["options"]:
             _check_base(cached, base_digest, f"seed {seed} of {name!r}", log)
+            if "diverged" not in cached and _add_missing(cached, name, tree, config, schedule, seed, data, out,
+                                                         folder, log):
+                for where in kept:
+                    _write_json(where, cached)
             _keep(cached, kept)
             return cached
         where = " or ".join(str(k) for k in kept if k.exists())
         raise RuntimeError(f"{where} was fitted with other options than variant {name!r} has now (the defaults "
                            f"changed?); move it away to fit it again")
     folder.mkdir(parents=True, exist_ok=True)
-    base = load_model(out / "individual_1.safetensors").to(config.device)
-    # the INR's initialisation draws from torch's global generator: seed it here, or it depends on
-    # whatever ran before in this process (e.g. whether the individual models were cached)
-    torch.manual_seed(seed)
-    manifold = build_manifold(base, data.example.to(config.device), inr, coords, smoothing=smoothing,
-                              seed=seed, log=log).to(config.device)
     log(f"seed {seed}: fitting {name!r}")
     result = {"variant": name, "seed": seed, "options": options, "init": "torch.manual_seed(seed) before the INR"}
     try:
-        fitted = fit(manifold, data.task, data.train, data.val, fit_config, checkpoint=str(folder / "fit.ckpt"),
-                     resume=True, selections=ALSO_SELECT)
+        fitted = _fitted(tree, config, schedule, seed, data, out, folder, log)
     except DivergenceError as err:  # recorded as a collapse; the benchmark goes on
         result.update(diverged=str(err), test={}, val={}, curve={}, base_sha256=base_digest)
         for where in kept:
@@ -277,6 +302,9 @@ def run_variant(name: str, tree: dict, config: RecipeBenchmarkConfig, schedule: 
     result.update(best_step=fitted.best_step, rollbacks=fitted.rollbacks, step_seconds=fitted.step_seconds,
                   history=fitted.history, smallest_group=smallest, smallest_size=space.full[smallest])
     test, val = _evaluate(manifold, data, schedule, seed, config.device)
+    result["test_calibrated"], result["val_calibrated"] = _evaluate(manifold, data, schedule, seed, config.device,
+                                                                    calibrated=True)
+    result["calibration"] = CALIBRATION
     result["test_whole_cell"] = _evaluate_whole_cell(manifold, data, schedule, seed, config)
     alternatives = {}
     for rule, picked in fitted.alternatives.items():
@@ -284,23 +312,82 @@ def run_variant(name: str, tree: dict, config: RecipeBenchmarkConfig, schedule: 
         alternatives[rule] = {"widths": list(picked.widths), "best_step": picked.best_step, "test": alt_test,
                               "val": alt_val}
     result["alternatives"] = alternatives
-    curve = {}
-    for channels in range(1, space.full[smallest] + 1):
-        net = manifold.sample(channels / space.full[smallest], samples=schedule.curve_samples,
-                              seed=seed).to(config.device)
-        curve[str(channels)] = data.task.evaluate(net, data.test, config.device)[data.task.metric]
-    result.update(test=test, val=val, curve=curve)
+    result.update(test=test, val=val, curve=_curve(manifold, data, schedule, seed, config.device),
+                  curve_calibrated=_curve(manifold, data, schedule, seed, config.device, calibrated=True))
+    result["step_cost"] = step_cost(tree, config, schedule, seed, data, out)
     log(f"seed {seed}: {name}: " + ", ".join(f"{float(w):g}: {100 * a:.2f}" for w, a in test.items()))
     for where in kept:
         _write_json(where, result)
     return result
 
 
-def _evaluate(manifold, data, schedule: Schedule, seed: int, device):
-    """(test, validation) accuracy at every benchmark width, K = ``schedule.samples``."""
+def _fitted(tree: dict, config: RecipeBenchmarkConfig, schedule: Schedule, seed: int, data, out: Path,
+            folder: Path, log=print):
+    """The variant's fit (``FitResult``), run or resumed from ``folder/fit.ckpt`` (a finished one
+    returns at once)."""
+    fit_config, coords, inr, smoothing = _options(tree, schedule, config, seed)
+    base = load_model(out / "individual_1.safetensors").to(config.device)
+    # the INR's initialisation draws from torch's global generator: seed it here, or it depends on
+    # whatever ran before in this process (e.g. whether the individual models were cached)
+    torch.manual_seed(seed)
+    manifold = build_manifold(base, data.example.to(config.device), inr, coords, smoothing=smoothing,
+                              seed=seed, log=log).to(config.device)
+    return fit(manifold, data.task, data.train, data.val, fit_config, checkpoint=str(folder / "fit.ckpt"),
+               resume=True, selections=ALSO_SELECT)
+
+
+def _add_missing(result: dict, name: str, tree: dict, config: RecipeBenchmarkConfig, schedule: Schedule,
+                 seed: int, data, out: Path, folder: Path, log=print) -> bool:
+    """Measure what a result kept before a measurement existed lacks: the step cost (always
+    possible), the calibrated numbers (only where the run's finished checkpoint is at hand).
+    Returns whether anything was added."""
+    added = False
+    if "step_cost" not in result:
+        result["step_cost"] = step_cost(tree, config, schedule, seed, data, out)
+        added = True
+    if result.get("calibration") != CALIBRATION:  # measured with an earlier calibration, or never
+        for key in ("test_calibrated", "val_calibrated", "curve_calibrated"):
+            result.pop(key, None)
+    missing = [key for key in ("test_calibrated", "curve_calibrated") if key not in result]
+    if missing and (folder / "fit.ckpt").exists():
+        checkpoint = torch.load(folder / "fit.ckpt", map_location="cpu", weights_only=False)
+        if checkpoint["state"]["step"] < schedule.prefit_steps + schedule.steps:
+            return added  # not this result's fit (an unfinished refit): nothing to measure from
+        manifold = _fitted(tree, config, schedule, seed, data, out, folder, log=lambda *_: None).manifold
+        if "test_calibrated" in missing:
+            result["test_calibrated"], result["val_calibrated"] = _evaluate(manifold, data, schedule, seed,
+                                                                            config.device, calibrated=True)
+            log(f"seed {seed}: {name}, calibrated: " + ", ".join(
+                f"{float(w):g}: {100 * a:.2f}" for w, a in result["test_calibrated"].items()))
+        if "curve_calibrated" in missing:
+            result["curve_calibrated"] = _curve(manifold, data, schedule, seed, config.device, calibrated=True)
+        result["calibration"] = CALIBRATION
+        added = True
+    return added
+
+
+def _curve(manifold, data, schedule: Schedule, seed: int, device, calibrated: bool = False) -> Dict[str, float]:
+    """Test accuracy at every channel count of the smallest group, the others at the same fraction."""
+    space = manifold.space
+    smallest = min(space.full, key=space.full.get)
+    calibration = dict(calibration=calibration_inputs(data.train, CALIBRATION_BATCHES),
+                       calibration_batches=CALIBRATION_BATCHES) if calibrated else {}
+    curve = {}
+    for channels in range(1, space.full[smallest] + 1):
+        net = manifold.sample(channels / space.full[smallest], samples=schedule.curve_samples, seed=seed,
+                              **calibration).to(device)
+        curve[str(channels)] = data.task.evaluate(net, data.test, device)[data.task.metric]
+    return curve
+
+
+def _evaluate(manifold, data, schedule: Schedule, seed: int, device, calibrated: bool = False):
+    """(test, validation) accuracy at every benchmark width, K = ``schedule.samples``; with
+    ``calibrated``, each network's statistics calibrated on the first training batches."""
     test, val = {}, {}
+    calibration = dict(calibration=calibration_inputs(data.train, CALIBRATION_BATCHES),
+                       calibration_batches=CALIBRATION_BATCHES) if calibrated else {}
     for width in WIDTHS:
-        net = manifold.sample(width, samples=schedule.samples, seed=seed).to(device)
+        net = manifold.sample(width, samples=schedule.samples, seed=seed, **calibration).to(device)
         test[str(width)] = data.task.evaluate(net, data.test, device)[data.task.metric]
         val[str(width)] = data.task.evaluate(net, data.val, device)[data.task.metric]
     return test, val
@@ -349,17 +436,17 @@ def summarise(results: Dict[str, List[dict]], baselines: List[dict], config: Rec
              f"{schedule.steps} joint steps, K = {schedule.samples}), trained range γ ∈ [0, {1 - config.min_width:g}], "
              f"table written {time.strftime('%Y-%m-%d')}, fits run on: {device}. Accuracy %, mean (min–max over seeds); "
              "checkpoints chosen on the validation split; K noisy draws per weight, never jittered wider than "
-             "training jittered (WeightManifold.noise_counts).", "",
+             "training jittered (WeightManifold.noise_counts). Step time: a fit step against a plain step of the "
+             "full model, timed back to back in one process (step_cost).", "",
              f"| variant | {head} | step time (× plain step) | collapsed seeds | rollbacks |",
              "|---|" + "---|" * (len(WIDTHS) + 3)]
-    plain = statistics.mean(b["plain_step_seconds"] for b in baselines)
     lines.append("| individual models | " + " | ".join(_cell([b["test"][str(w)] for b in baselines]) for w in WIDTHS)
                  + " | 1 | – | – |")
     for name, runs in results.items():
         cells = [_cell([r["test"][str(w)] for r in runs if r.get("test")]) for w in WIDTHS]
         collapsed = sum(1 for r in runs if _collapsed(r, chance, config.min_width))
-        steps = [r["step_seconds"] for r in runs if "step_seconds" in r]
-        ratio = f"{statistics.mean(steps) / plain:.0f}" if steps else "–"
+        costs = [r["step_cost"]["ratio"] for r in runs if "step_cost" in r]
+        ratio = f"{statistics.mean(costs):.1f}" if costs else "–"
         rollbacks = sum(len(r.get("rollbacks", [])) for r in runs)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {ratio} | {collapsed}/{len(runs)} | {rollbacks} |")
         whole = [r for r in runs if r.get("test_whole_cell")]
@@ -370,12 +457,30 @@ def summarise(results: Dict[str, List[dict]], baselines: List[dict], config: Rec
         for rule, alt_runs in _alternative_runs(runs).items():
             cells = [_cell([r["test"][str(w)] for r in alt_runs]) for w in WIDTHS]
             lines.append(f"| {name}, checkpoint by {rule} (same fits) | " + " | ".join(cells) + " | – | – | – |")
+        calibrated = _calibrated_runs(runs)
+        if calibrated:
+            cells = [_cell([r["test"][str(w)] for r in calibrated]) for w in WIDTHS]
+            lines.append(f"| {name}, {CALIBRATED} (same fits) | " + " | ".join(cells) + " | – | – | – |")
     if "default" in results:
         lines += ["", targets(results["default"], baselines, chance, config.min_width)]
+        calibrated = _calibrated_runs(results["default"])
+        if calibrated:
+            lines += ["", targets(calibrated, baselines, chance, config.min_width).replace(
+                "the default recipe", f"the default recipe, {CALIBRATED}")]
         for rule, alt_runs in _alternative_runs(results["default"]).items():
             lines += ["", targets(alt_runs, baselines, chance, config.min_width).replace(
                 "the default recipe", f"the default recipe, checkpoint by {rule}")]
     return "\n".join(lines)
+
+
+CALIBRATED = "sampled with statistics calibration"
+
+
+def _calibrated_runs(runs: List[dict]) -> List[dict]:
+    """The runs with their calibrated numbers as ``test`` (empty unless every run has them)."""
+    if not runs or not all(r.get("test_calibrated") for r in runs):
+        return []
+    return [dict(r, test=r["test_calibrated"], val=r["val_calibrated"]) for r in runs]
 
 
 def _alternative_runs(runs: List[dict]) -> Dict[str, List[dict]]:
@@ -427,6 +532,9 @@ def plot(results: Dict[str, List[dict]], baselines: List[dict], config: RecipeBe
         ys = [100 * statistics.mean(r["curve"][str(c)] for r in runs) for c in xs]
         style = dict(linewidth=2.5, color="black") if name == "default" else dict(linewidth=1, alpha=0.8)
         ax.plot(xs, ys, label=name, **style)
+        if name == "default" and all(r.get("curve_calibrated") for r in runs):
+            ys = [100 * statistics.mean(r["curve_calibrated"][str(c)] for r in runs) for c in xs]
+            ax.plot(xs, ys, "--", label=f"default, {CALIBRATED}", linewidth=2.5, color="black")
     if size:
         ax.axvspan(0.5, config.min_width * size - 0.5, color="grey", alpha=0.15, label="unseen in training")
         xs = [w * size for w in WIDTHS]
@@ -503,11 +611,12 @@ def run(config: RecipeBenchmarkConfig, log=print, schedule: Optional[Schedule] =
                                   desc=f"base seed {seed}", keep_best=True)
             save_model(base, out / "individual_1.safetensors")
         store = results_stem.parent / f"{tag}-runs" / f"seed{seed}"  # shared by every table of this schedule
-        baseline = run_seed_baselines(config, schedule, seed, data, out, log, store)
+        digest = model_digest(out / "individual_1.safetensors")  # every result of this seed is checked against it
+        baseline = run_seed_baselines(config, schedule, seed, data, out, log, store, digest)
         baselines.append(dict(baseline, seed=seed))
         for name in chosen:
             results[name].append(run_variant(name, all_variants[name], config, schedule, seed, data, out, log,
-                                             store))
+                                             store, digest))
     fitted_on = sorted({r.get("device", "not recorded") for runs in results.values() for r in runs})
     device = "; ".join(fitted_on) or device_name(config.device)
     table = summarise(results, baselines, config, chance, device, schedule)
