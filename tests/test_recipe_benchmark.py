@@ -135,3 +135,14 @@ def test_a_variant_fits_the_same_whatever_ran_before_in_the_process(tmp_path):
         shutil.rmtree(tmp_path / "runs" / "seed0" / "default")
         (tmp_path / "recipe-runs" / "seed0" / "default.json").unlink()
     assert results[0]["history"] == results[1]["history"] and results[0]["test"] == results[1]["test"]
+
+
+def test_kept_copies_gain_the_measurements_a_run_folder_result_has(tmp_path):
+    run, kept = tmp_path / "result.json", tmp_path / "kept.json"
+    old = {"test": {"1.0": 0.9}}
+    kept.write_text(json.dumps(old))
+    newer = dict(old, test_calibrated={"1.0": 0.9})
+    rb._keep(newer, [run, kept])
+    assert json.loads(run.read_text()) == newer and json.loads(kept.read_text()) == newer
+    rb._keep(old, [kept])  # a copy with fewer measurements never overwrites one with more
+    assert json.loads(kept.read_text()) == newer

@@ -209,9 +209,10 @@ def _cached(paths: Sequence[Path], base_digest: str) -> Optional[dict]:
 
 
 def _keep(result: dict, paths: Sequence[Path]) -> None:
-    """Write ``result`` wherever it is missing (a run-folder result into the kept results)."""
+    """Write ``result`` wherever it is missing, or where a copy lacks measurements it has (a
+    run-folder result into the kept results, e.g. calibrated numbers added by another table's run)."""
     for path in paths:
-        if not path.exists():
+        if not path.exists() or set(result) > set(json.loads(path.read_text())):
             _write_json(path, result)
 
 
