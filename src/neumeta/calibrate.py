@@ -19,7 +19,7 @@ points at the unseen 25 % width, within ±0.4 at the trained widths.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Sequence
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -33,6 +33,20 @@ class CalibrationReport:
     batches: int = 0
     max_scale: float = 1.0   # the largest |log| deviation of a channel's scale, as the scale itself
     skipped: List[str] = field(default_factory=list)  # morphed layers not corrected, and why
+
+
+@dataclass
+class Reference:
+    """The full-width network's per-channel statistics on fixed calibration inputs: measured once,
+    it calibrates any number of widths (``WeightManifold.calibration_reference``)."""
+    inputs: List[torch.Tensor]
+    statistics: Dict[str, tuple]  # layer name -> (mean, std) per output channel
+
+
+def measure_reference(full: nn.Module, space: WidthSpace, batches: Iterable, num_batches: int = 20) -> Reference:
+    """``full``'s statistics at every calibratable layer on the first ``num_batches`` of ``batches``."""
+    inputs = _inputs(batches, num_batches)
+    return Reference(inputs, channel_statistics(full, [layer.name for layer in calibratable(space)], inputs))
 
 
 def _inputs(batches: Iterable, limit: int) -> List[torch.Tensor]:
@@ -112,23 +126,27 @@ def cell_targets(values: torch.Tensor, count: int, positions: str = "center") ->
 
 
 @torch.no_grad()
-def calibrate(net: nn.Module, reference: nn.Module, space: WidthSpace, counts: Mapping[str, int],
-              batches: Iterable, num_batches: int = 20, positions: str = "center",
+def calibrate(net: nn.Module, reference: Union[nn.Module, Reference], space: WidthSpace, counts: Mapping[str, int],
+              batches: Optional[Iterable] = None, num_batches: int = 20, positions: str = "center",
               eps: float = 1e-6) -> CalibrationReport:
     """Correct ``net`` (sampled at ``counts``) in place so that every morphed layer's output
     channels have the statistics of ``reference``'s (the full-width network) channels of their cell.
 
-    ``batches``: unlabelled inputs (e.g. the training loader; only the first element of a batch is
-    used), ``num_batches`` of them. Layers are corrected in forward order, each measured with the
-    earlier corrections in place. ``positions``: the manifold's channel coordinates, which decide
+    ``reference``: the full-width network, or its ``Reference`` (statistics already measured, on its
+    own inputs; ``batches`` is then not used). ``batches``: unlabelled inputs (e.g. the training
+    loader; only the first element of a batch is used), ``num_batches`` of them. Layers are
+    corrected in forward order, each measured with the earlier corrections in place. ``positions``: the manifold's channel coordinates, which decide
     which full-width channels share a cell.
     """
-    inputs = _inputs(batches, num_batches)
+    if not isinstance(reference, Reference):
+        if batches is None:
+            raise ValueError("calibrate: pass the calibration batches, or a Reference that holds them")
+        reference = measure_reference(reference, space, batches, num_batches)
+    inputs, targets = reference.inputs, reference.statistics
     layers = calibratable(space)
     report = CalibrationReport(batches=len(inputs))
     report.skipped = [f"{l.name} (its output channels are not one conv/linear segment)" for l in space.layers
                       if l.morphs and l not in layers]
-    targets = channel_statistics(reference, [l.name for l in layers], inputs)
     for layer in layers:
         group = layer.out[0].group
         count = counts[group] if group is not None else layer.out[0].channels

@@ -295,7 +295,8 @@ def _calibration(manifold, c, data=None) -> dict:
         raise SystemExit(f"error: --calibrate needs inputs shaped like the manifold's network "
                          f"{tuple(example.shape[1:])}, but dataset {c.data.dataset!r} gives "
                          f"{tuple(data.example.shape[1:])}; name the right --dataset or pass --calibrate 0")
-    return {"calibration": calibration_inputs(data.train, batches), "calibration_batches": batches}
+    return {"calibration": manifold.calibration_reference(calibration_inputs(data.train, batches), c.samples,
+                                                          c.seed, batches)}
 
 
 def cmd_sample(c: SampleConfig) -> None:
@@ -329,9 +330,10 @@ def cmd_eval(c: EvalConfig) -> None:
     batches = data.val if c.split == "val" else data.test
     print(f"| width | γ | channels | params | {c.split} {data.task.metric} % |")
     print("|---|---|---|---|---|")
+    calibration = _calibration(manifold, c, data)  # the full width measured once for every width
     for width in c.widths:
         counts = manifold.space.resolve(width)
-        module = manifold.sample(counts, samples=c.samples, seed=c.seed, **_calibration(manifold, c, data))
+        module = manifold.sample(counts, samples=c.samples, seed=c.seed, **calibration)
         score = data.task.evaluate(module, batches, c.device)[data.task.metric]
         print(f"| {width:g} | {100 * (1 - width):.1f} % | {'/'.join(map(str, counts.values()))} | "
               f"{count_parameters(module):,} | {100 * score:.2f} |")

@@ -147,15 +147,16 @@ def run_demo(config: DemoConfig, progress: bool = True, log=print) -> Dict:
 
     rows = []
     space = manifold.space
+    batches = config.calibrate
+    if batches < 0:
+        raise ValueError(f"demo: calibrate must be a number of batches >= 0 (0 = off), not {batches}")
+    reference = manifold.calibration_reference(calibration_inputs(data.train, batches), config.samples,
+                                               config.seed, batches) if batches else None
     for width in config.widths:
         counts = space.resolve(width)
         plain = manifold.sample(counts, samples=config.samples, seed=config.seed)
-        batches = config.calibrate
-        if batches < 0:
-            raise ValueError(f"demo: calibrate must be a number of batches >= 0 (0 = off), not {batches}")
-        sampled = plain if batches == 0 else manifold.sample(
-            counts, samples=config.samples, seed=config.seed,
-            calibration=calibration_inputs(data.train, batches), calibration_batches=batches)
+        sampled = plain if reference is None else manifold.sample(counts, samples=config.samples, seed=config.seed,
+                                                                  calibration=reference)
         if width == 1.0:
             individual = base
         else:

@@ -13,7 +13,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .calibrate import calibrate
+from .calibrate import Reference, calibrate, measure_reference
 from .coords import CoordConfig, tensor_coordinates
 from .groups import MorphLayer, Width, WidthSpace
 from .inr import BlockMLP, FourierFeatures, INRConfig
@@ -244,6 +244,12 @@ class WeightManifold(nn.Module):
         return {k: v / samples for k, v in total.items()}
 
     @torch.no_grad()
+    def calibration_reference(self, batches, samples: int = 50, seed: int = 0, num_batches: int = 20) -> Reference:
+        """The full width (sampled like ``sample(1.0, samples, seed)``) measured on the first
+        ``num_batches`` of ``batches``: ``sample(width, calibration=reference)`` for any width."""
+        return measure_reference(self.sample(self.space.full, samples, seed), self.space, batches, num_batches)
+
+    @torch.no_grad()
     def sample(self, width: Width = 1.0, samples: int = 50, seed: int = 0, calibration=None,
                calibration_batches: int = 20) -> nn.Module:
         """A standalone network at ``width``: a multiplier of every morphable group (1.0 = full),
@@ -252,14 +258,16 @@ class WeightManifold(nn.Module):
         ``calibration``: unlabelled input batches (e.g. the training loader); the first
         ``calibration_batches`` of them give every morphed layer the full width's activation
         statistics (``neumeta.calibrate``): a no-op at full width, several points at unseen
-        narrower widths.
+        narrower widths. Sampling several widths, pass ``calibration_reference(batches, samples,
+        seed)`` instead: the full width is then sampled and measured once.
         """
         counts = self.space.resolve(width)
         if calibration is not None:
+            if not isinstance(calibration, Reference):
+                calibration = self.calibration_reference(calibration, samples, seed, calibration_batches)
             module = self.sample(counts, samples, seed)
-            reference = self.sample(self.space.full, samples, seed)
-            module.neumeta_calibration = calibrate(module, reference, self.space, counts, calibration,
-                                                   calibration_batches, self.coord_config.positions)
+            module.neumeta_calibration = calibrate(module, calibration, self.space, counts,
+                                                   positions=self.coord_config.positions)
             return module
         if self.space.is_extrapolation(counts):
             warnings.warn(f"width {width} is wider than the trained network: extrapolating outside the "

@@ -367,12 +367,18 @@ def _add_missing(result: dict, name: str, tree: dict, config: RecipeBenchmarkCon
     return added
 
 
+def _calibration(manifold, data, samples: int, seed: int) -> dict:
+    """``sample``'s calibration argument for many widths: the full width measured once on the
+    first training batches (epoch 0 order)."""
+    inputs = calibration_inputs(data.train, CALIBRATION_BATCHES)
+    return {"calibration": manifold.calibration_reference(inputs, samples, seed, CALIBRATION_BATCHES)}
+
+
 def _curve(manifold, data, schedule: Schedule, seed: int, device, calibrated: bool = False) -> Dict[str, float]:
     """Test accuracy at every channel count of the smallest group, the others at the same fraction."""
     space = manifold.space
     smallest = min(space.full, key=space.full.get)
-    calibration = dict(calibration=calibration_inputs(data.train, CALIBRATION_BATCHES),
-                       calibration_batches=CALIBRATION_BATCHES) if calibrated else {}
+    calibration = _calibration(manifold, data, schedule.curve_samples, seed) if calibrated else {}
     curve = {}
     for channels in range(1, space.full[smallest] + 1):
         net = manifold.sample(channels / space.full[smallest], samples=schedule.curve_samples, seed=seed,
@@ -385,8 +391,7 @@ def _evaluate(manifold, data, schedule: Schedule, seed: int, device, calibrated:
     """(test, validation) accuracy at every benchmark width, K = ``schedule.samples``; with
     ``calibrated``, each network's statistics calibrated on the first training batches."""
     test, val = {}, {}
-    calibration = dict(calibration=calibration_inputs(data.train, CALIBRATION_BATCHES),
-                       calibration_batches=CALIBRATION_BATCHES) if calibrated else {}
+    calibration = _calibration(manifold, data, schedule.samples, seed) if calibrated else {}
     for width in WIDTHS:
         net = manifold.sample(width, samples=schedule.samples, seed=seed, **calibration).to(device)
         test[str(width)] = data.task.evaluate(net, data.test, device)[data.task.metric]
