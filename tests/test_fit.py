@@ -1,4 +1,5 @@
 """fit(): it learns on real data, checkpoints atomically and resumes exactly."""
+import dataclasses
 import os
 
 import pytest
@@ -82,3 +83,26 @@ def test_resume_continues_exactly_where_it_stopped(real, tmp_path):
     nm.fit(resumed, task, loader, val, config, checkpoint=str(ckpt), resume=True, progress=False)
     for a, b in zip(unbroken.parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_resume_refuses_a_checkpoint_written_with_other_options(real, tmp_path):
+    base, x, y, task = real
+    loader = TensorLoader(x[:128], y[:128], batch_size=64)
+    val = TensorLoader(x[512:640], y[512:640], batch_size=128, shuffle=False)
+    config = nm.FitConfig(steps=2, prefit_steps=2, eval_every=2, eval_widths=(1.0,))
+    ckpt = tmp_path / "fit.ckpt"
+    torch.manual_seed(1)
+    nm.fit(nm.WeightManifold(nm.WidthSpace(base, x[:2]), TINY_INR), task, loader, val, config,
+           checkpoint=str(ckpt), progress=False)
+    before = ckpt.read_bytes()
+    other = dataclasses.replace(config, original_distill=not config.original_distill, recon_weight=3.0)
+    with pytest.raises(ValueError, match="original_distill.*recon_weight|recon_weight.*original_distill") as err:
+        nm.fit(nm.WeightManifold(nm.WidthSpace(base, x[:2]), TINY_INR), task, loader, val, other,
+               checkpoint=str(ckpt), resume=True, progress=False)
+    assert str(ckpt) in str(err.value)
+    assert ckpt.read_bytes() == before  # nothing lost
+    # how a run is watched may change: a finished run resumes (returns at once) with other eval settings
+    watched = dataclasses.replace(config, eval_every=1, guard_retries=5)
+    result = nm.fit(nm.WeightManifold(nm.WidthSpace(base, x[:2]), TINY_INR), task, loader, val, watched,
+                    checkpoint=str(ckpt), resume=True, progress=False)
+    assert result.best_step == torch.load(ckpt, weights_only=False)["state"]["best_step"]

@@ -95,7 +95,12 @@ def test_targets_are_judged_per_seed():
     good = {"seed": 0, "test": {**{str(w): 0.81 for w in rb.WIDTHS}, "0.25": 0.795}}
     bad = {"seed": 0, "test": {**{str(w): 0.81 for w in rb.WIDTHS}, "0.25": 0.78}}
     assert "every seed within 1.0 point of its individual model: met" in rb.targets([good], [base], 0.1, 0.5)
-    assert "every seed within 1.0 point of its individual model: missed" in rb.targets([bad], [base], 0.1, 0.5)
+    assert "every seed within 1.0 point of its individual model: missed (-2.00)" in rb.targets([bad], [base], 0.1, 0.5)
+    edge = {"seed": 0, "test": {**{str(w): 0.80 for w in rb.WIDTHS}, "1.0": 0.795, "0.25": 0.79}}
+    said = rb.targets([edge], [base], 0.1, 0.5)  # exactly at each margin: met, and the margins are said
+    assert "γ 0 % within 0.5 points of individual: met (-0.50)" in said
+    assert "γ 25 % mean ≥ individual: met (+0.00)" in said
+    assert "every seed within 1.0 point of its individual model: met (-1.00)" in said
     collapsed = {"seed": 0, "test": {**good["test"], "0.5": 0.1}}
     assert "no seed collapses: missed" in rb.targets([collapsed], [base], 0.1, 0.5)
 
