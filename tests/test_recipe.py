@@ -273,3 +273,33 @@ def test_guard_ignores_a_width_outside_the_trained_range(small_manifold, tmp_pat
     scores = [0.8, 0.7, 0.16, 0.81, 0.71, 0.11, 0.82, 0.72, 0.15, 0.83, 0.73, 0.12]
     result, _ = _fit(small_manifold, _ScriptedTask(scores=scores), tmp_path, selections={"unseen": (0.25,)})
     assert result.rollbacks == [] and result.best_step == 14
+
+
+def test_original_distillation_of_the_full_width_teaches_the_in_place_teacher(small_manifold, example):
+    task = nm.ClassificationTask(10)
+    batch = (example, torch.tensor([1, 2]))
+    counts = small_manifold.space.resolve(0.5)
+    reference = small_manifold.space.model(example) * 1.5  # outputs unlike the generated network's
+    full = small_manifold.generate(small_manifold.space.full, noise=False)
+    teacher = torch.func.functional_call(small_manifold.space.model, full, (example,))
+    losses = {}
+    for on in (False, True):
+        config = nm.FitConfig(inplace_distill=True, original_distill=False, original_distill_full=on)
+        torch.manual_seed(3)
+        losses[on], _ = task_loss_terms(small_manifold, task, batch, [counts], config, reference, full)
+    extra = task.distill(teacher, reference)
+    assert extra.item() > 0
+    torch.testing.assert_close(losses[True] - losses[False], extra)  # the teacher's KL, nothing else
+
+
+def test_original_outputs_teach_the_sampled_widths_only_with_original_distill(small_manifold, example):
+    task = nm.ClassificationTask(10)
+    batch = (example, torch.tensor([1, 2]))
+    counts = small_manifold.space.resolve(0.5)
+    reference = small_manifold.space.model(example) * 1.5
+    config = nm.FitConfig(inplace_distill=False, original_distill=False)
+    torch.manual_seed(3)
+    without, _ = task_loss_terms(small_manifold, task, batch, [counts], config, None)
+    torch.manual_seed(3)
+    given, _ = task_loss_terms(small_manifold, task, batch, [counts], config, reference)
+    torch.testing.assert_close(given, without)

@@ -60,6 +60,8 @@ HELP = {
     "inplace_distill": "in-place distillation: the full width learns the labels, the sampled width its outputs",
     "sandwich": "sandwich rule: the narrowest width of the range is also trained every step",
     "original_distill": "the reference (pre-trained) network's outputs also teach every trained width (KD)",
+    "original_distill_full": "with in-place distillation, the generated full width (the teacher) also learns the "
+                             "reference network's outputs (KD)",
     "recon_reduction": "reconstruction loss per tensor: mean over elements, or sum (the paper's squared norms)",
     "guard": "divergence guard: roll back to the last good checkpoint on NaN/inf or a collapse to chance",
     "guard_retries": "rollbacks before fit stops with an error",
@@ -67,8 +69,8 @@ HELP = {
     "collapse_margin": "a width counts as collapsed at metric <= chance + margin * (1 - chance)",
     "quick": "one seed and a short schedule (a smoke run in minutes; not for conclusions)",
     "seeds": "seeds: each trains its own base and individual models and fits every variant",
-    "variants": "variant names to run (default: all; with --quick all but the candidates for the unseen "
-                "widths; see neumeta.analysis.recipe_benchmark.variants)",
+    "variants": "variant names to run (default: all; with --quick all but the candidate variants, see "
+                "neumeta.analysis.recipe_benchmark.candidate_flips and variants)",
     "results": "path stem of the written table (.md), raw numbers (.json) and plot (.png)",
     "recipe": "named recipe under the other options: default (chosen on validation) or paper (as published)",
     "ema": "decay of the exponential moving average of the INR used for evaluation",

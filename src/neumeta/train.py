@@ -17,7 +17,8 @@ through it with ``torch.func.functional_call`` and minimises
                   CE(f_s, y)                       plain
                   KL(f_full || f_s) + CE(f_full, y) in-place distillation (the full width
                                                    learns the labels, once per step)
-              plus KL(f_original || f_s) with ``original_distill``
+              plus KL(f_original || f_s) with ``original_distill`` (the default), and
+              KL(f_original || f_full) for the in-place teacher with ``original_distill_full``
 
 Adam with a constant-LR reconstruction-only pre-fit, then a linear warm-up and a cosine
 decay; an EMA of the INR is what gets evaluated and returned. Checkpoints are written
@@ -76,6 +77,9 @@ class FitConfig:
     original_distill: bool = True   # the reference (pre-trained) network's outputs also teach
                                     # every trained width (KD); chosen on validation over 3 seeds:
                                     # +0.35 at full width, +0.37 at 0.5, +0.41 at the unseen 0.25
+    original_distill_full: bool = False  # with in-place distillation: the generated full width (the
+                                         # teacher) also learns the reference network's outputs (KD),
+                                         # aimed at the full width's gap to the original model
     guard: bool = True           # roll back on NaN/inf or a collapse to chance
     guard_retries: int = 3       # rollbacks before giving up
     guard_lr_factor: float = 0.5  # learning rate multiplier at each rollback
@@ -259,12 +263,14 @@ def task_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence
         full = full_params if full_params is not None else manifold.generate(manifold.space.full, noise=True)
         teacher = functional_call(template, full, (x,))
         loss = task.loss(teacher, batch)
+        if config.original_distill_full and original_outputs is not None:
+            loss = loss + task.distill(teacher, original_outputs)
     for counts in counts_list:
         params = manifold.generate(counts, noise=True)
         outputs = functional_call(template, params, (x,))
         loss = loss + (inplace_distillation(task, outputs, teacher) if teacher is not None
                        else task.loss(outputs, batch))
-        if original_outputs is not None:
+        if original_outputs is not None and config.original_distill:
             loss = loss + task.distill(outputs, original_outputs)
         l2 = l2 + l2_loss(params)
     return loss, l2
@@ -443,7 +449,7 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
         else:
             counts = sample_widths(manifold, config, rng)
             trained = [counts] + ([narrowest_widths(manifold, config)] if config.sandwich else [])
-            if config.original_distill:
+            if config.original_distill or (config.original_distill_full and config.inplace_distill):
                 with torch.no_grad():
                     original_outputs = template(batch[0])
             task_loss, l2 = task_loss_terms(manifold, task, batch, trained, config, original_outputs, full_params)

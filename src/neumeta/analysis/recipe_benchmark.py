@@ -58,13 +58,15 @@ def _switched(name: str, value) -> str:
 
 
 def candidate_flips() -> List[tuple]:
-    """Candidates for the unseen widths, not options of the default: more training at the narrow
-    end, a smoother INR (fewer Fourier bands, wider coordinate noise). ``--quick`` leaves them out
+    """Candidates, not options of the default: for the unseen widths more training at the narrow
+    end, a smoother INR (fewer Fourier bands, wider coordinate noise); for the full width's gap,
+    the in-place teacher distilled from the original model too. ``--quick`` leaves them out
     unless named (its time budget was measured on the paper preset, the default and the ablation)."""
     fit, coords, inr = FitConfig(), CoordConfig(), INRConfig()
     return [("fit", "width_sampling", "narrow" if fit.width_sampling == "uniform" else "uniform"),
             ("inr", "frequencies", 8 if inr.frequencies != 8 else 16),
-            ("coords", "noise", 1.0 if coords.noise != 1.0 else 0.5)]
+            ("coords", "noise", 1.0 if coords.noise != 1.0 else 0.5),
+            ("fit", "original_distill_full", not fit.original_distill_full)]
 
 
 def variants() -> Dict[str, dict]:
@@ -275,6 +277,7 @@ def run_variant(name: str, tree: dict, config: RecipeBenchmarkConfig, schedule: 
         # results written before an option existed were fitted at its default
         cached["options"].setdefault("inr", dataclasses.asdict(INRConfig()))
         cached["options"]["fit"].setdefault("width_sampling", "uniform")
+        cached["options"]["fit"].setdefault("original_distill_full", False)
         if json.loads(json.dumps(options)) == cached["options"]:
             _check_base(cached, base_digest, f"seed {seed} of {name!r}", log)
             if "diverged" not in cached and _add_missing(cached, name, tree, config, schedule, seed, data, out,
