@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import random
 import time
@@ -288,21 +289,14 @@ def check_resumable(saved: Mapping, config: FitConfig, checkpoint) -> None:
     """Refuse to resume a checkpoint written with other training options: the rest of the run would
     silently mix two recipes (e.g. a default changed since). A key the checkpoint lacks was written
     before that option existed and is not compared."""
-    now = json_safe(dataclasses.asdict(config))
+    def plain(value):  # tuples and lists compare equal, as in JSON
+        return json.loads(json.dumps(value))
+    now = plain(dataclasses.asdict(config))
     differ = [f"{key}: {saved[key]!r} in the checkpoint, {now[key]!r} now" for key in now
-              if key in saved and key not in WATCH_ONLY and json_safe(saved[key]) != now[key]]
+              if key in saved and key not in WATCH_ONLY and plain(saved[key]) != now[key]]
     if differ:
         raise ValueError(f"cannot resume {checkpoint}: it was written with other fit options ("
                          + "; ".join(differ) + "); fit with those options, or move the checkpoint away to start afresh")
-
-
-def json_safe(value):
-    """Tuples as lists, so a config read back from a checkpoint compares equal to a fresh one."""
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: FitConfig = FitConfig(),
