@@ -34,6 +34,11 @@ from neumeta.smooth import smooth, total_variation
 REPEATS = 5
 
 
+def _outputs(out):
+    """A model's outputs as a list of tensors (the VAE returns a tuple)."""
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
 def randomise_batchnorm(model):
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -77,7 +82,7 @@ def main():
         trace_s, _ = best_of(lambda: total_variation(model, x))
         smooth_s, (smoothed, report) = best_of(lambda: smooth(model, x))
         with torch.no_grad():
-            diff = float((smoothed(x) - model(x)).abs().max())
+            diff = max(float((a - b).abs().max()) for a, b in zip(_outputs(smoothed(x)), _outputs(model(x))))
         largest = max(report.groups.items(), key=lambda kv: kv[1].channels)
         change = 100 * (report.tv_after - report.tv_before) / report.tv_before
         lines.append(f"| {name} | {len(report.groups)} | {largest[0]} ({largest[1].channels}) | "
