@@ -151,3 +151,42 @@ def test_kept_copies_gain_the_measurements_a_run_folder_result_has(tmp_path):
     assert json.loads(run.read_text()) == newer and json.loads(kept.read_text()) == newer
     rb._keep(old, [kept])  # a copy with fewer measurements never overwrites one with more
     assert json.loads(kept.read_text()) == newer
+
+
+def test_ablation_seeds_fit_the_ablation_on_those_seeds_only_and_write_two_tables(tmp_path, monkeypatch):
+    """One command, two tables: paper and default on every seed (with the targets), every variant
+    on the ablation seeds beside those seeds' default and individual models only."""
+    import types
+    fitted = []
+
+    def fake_variant(name, tree, config, schedule, seed, *args, **kwargs):
+        fitted.append((name, seed))
+        score = 0.80 + 0.01 * seed + (0.05 if name == "default" else 0.0)
+        return {"variant": name, "seed": seed, "test": {str(w): score for w in rb.WIDTHS}}
+
+    def fake_baselines(config, schedule, seed, *args, **kwargs):
+        return {"test": {str(w): 0.70 + 0.1 * seed for w in rb.WIDTHS}}
+
+    monkeypatch.setattr(rb, "load_data", lambda data, seed: types.SimpleNamespace(task=types.SimpleNamespace(chance=0.1)))
+    monkeypatch.setattr(rb, "train_base", lambda *a, **k: None)
+    monkeypatch.setattr(rb, "save_model", lambda model, file: file.write_text("base"))
+    monkeypatch.setattr(rb, "model_digest", lambda file: "0" * 64)
+    monkeypatch.setattr(rb, "run_seed_baselines", fake_baselines)
+    monkeypatch.setattr(rb, "run_variant", fake_variant)
+    ablation = "default, smooth = False"
+    config = rb.RecipeBenchmarkConfig(seeds=(0, 1, 2), ablation_seeds=(0,), out_dir=str(tmp_path / "runs"),
+                                      results=str(tmp_path / "recipe"))
+    table = rb.run(config, log=lambda *_: None, schedule=rb.QUICK)
+    assert sorted(s for n, s in fitted if n == "default") == [0, 1, 2]
+    assert sorted(s for n, s in fitted if n == "paper") == [0, 1, 2]
+    assert [s for n, s in fitted if n == ablation] == [0]
+    candidates = {rb._switched(key, value) for _, key, value in rb.candidate_flips()}
+    assert not candidates & {n for n, _ in fitted}  # candidates run only when named
+    main, few = table.split("The ablation and candidates, seed(s) 0")
+    assert "3 seed(s) [0, 1, 2]" in main and ablation not in main and "Targets for the default recipe" in main
+    assert "| individual models | 80.00 (70.0–90.0) |" in main  # every seed's individual models
+    assert f"| {ablation} | 80.00 |" in few and "| default | 85.00 |" in few  # seed 0 only
+    assert "| individual models | 70.00 |" in few and "Targets" not in few
+    assert (tmp_path / "recipe.md").read_text().strip() == table
+    with pytest.raises(ValueError, match="ablation seeds \\[3\\]"):
+        rb.run(dataclasses.replace(config, ablation_seeds=(3,)), log=lambda *_: None, schedule=rb.QUICK)

@@ -69,8 +69,10 @@ HELP = {
     "collapse_margin": "a width counts as collapsed at metric <= chance + margin * (1 - chance)",
     "quick": "one seed and a short schedule (a smoke run in minutes; not for conclusions)",
     "seeds": "seeds: each trains its own base and individual models and fits every variant",
-    "variants": "variant names to run (default: all; with --quick all but the candidate variants, see "
-                "neumeta.analysis.recipe_benchmark.candidate_flips and variants)",
+    "variants": "variant names to run (default: the paper preset, the default and the ablation; candidate "
+                "variants only when named, see neumeta.analysis.recipe_benchmark.candidate_flips and variants)",
+    "ablation_seeds": "run the variants other than paper and default on these seeds only (some of --seeds); "
+                      "the table then has two parts: paper and default over every seed, all variants on these",
     "results": "path stem of the written table (.md), raw numbers (.json) and plot (.png)",
     "recipe": "named recipe under the other options: default (chosen on validation) or paper (as published)",
     "ema": "decay of the exponential moving average of the INR used for evaluation",

@@ -10,7 +10,9 @@ added in later sessions or on other machines; each records the SHA-256 of the ba
 fitted from, and a mismatch (a base retrained differently) is reported.
 
 Variants: the paper preset, the default, and the default with one option switched at a time
-(the ablation, and candidates for the unseen widths).
+(the ablation, and candidates, run only when named). With ``ablation_seeds`` one command writes
+both tables: the paper preset and the default over every seed (the targets), and every variant
+on the ablation seeds beside the same seeds' default and individual models.
 """
 from __future__ import annotations
 
@@ -53,6 +55,9 @@ CALIBRATION_BATCHES = DEFAULT_BATCHES
 CALIBRATION = f"every generated layer incl. the classifier, cell means of the full width, {CALIBRATION_BATCHES} batches"
 
 
+MAIN_VARIANTS = ("paper", "default")  # fitted on every seed, also with ``ablation_seeds``
+
+
 def _switched(name: str, value) -> str:
     return f"default, {name} = {value}"
 
@@ -60,13 +65,15 @@ def _switched(name: str, value) -> str:
 def candidate_flips() -> List[tuple]:
     """Candidates, not options of the default: for the unseen widths more training at the narrow
     end, a smoother INR (fewer Fourier bands, wider coordinate noise); for the full width's gap,
-    the in-place teacher distilled from the original model too. ``--quick`` leaves them out
+    the in-place teacher distilled from the original model too, or a lower peak learning rate (the
+    warm-up to 1e-3 knocks the reconstructed full width down 5 points). ``--quick`` leaves them out
     unless named (its time budget was measured on the paper preset, the default and the ablation)."""
     fit, coords, inr = FitConfig(), CoordConfig(), INRConfig()
     return [("fit", "width_sampling", "narrow" if fit.width_sampling == "uniform" else "uniform"),
             ("inr", "frequencies", 8 if inr.frequencies != 8 else 16),
             ("coords", "noise", 1.0 if coords.noise != 1.0 else 0.5),
-            ("fit", "original_distill_full", not fit.original_distill_full)]
+            ("fit", "original_distill_full", not fit.original_distill_full),
+            ("fit", "lr", 5e-4 if fit.lr != 5e-4 else 1e-3)]
 
 
 def variants() -> Dict[str, dict]:
@@ -108,7 +115,9 @@ QUICK = Schedule(epochs=1, prefit_steps=100, steps=100, eval_every=50, samples=5
 class RecipeBenchmarkConfig:
     quick: bool = False
     seeds: Sequence[int] = (0, 1, 2)
-    variants: Sequence[str] = ()   # empty: all
+    ablation_seeds: Optional[Sequence[int]] = None  # variants other than the paper preset and the default
+                                                    # run on these seeds only (None: on every seed)
+    variants: Sequence[str] = ()   # empty: all but the candidates
     model: str = "lenet"
     min_width: float = 0.5
     device: str = "cpu"
@@ -434,8 +443,29 @@ def _schedule_name(schedule: Schedule) -> str:
     return "quick" if schedule == QUICK else "full" if schedule == Schedule() else "custom"
 
 
+def _two_tables(results: Dict[str, List[dict]], baselines: List[dict], config: RecipeBenchmarkConfig,
+                ablation_seeds: tuple, chance: float, device: str, schedule: Schedule, stem: Path) -> str:
+    """The paper preset and the default over every seed (with the targets, plot ``stem.png``), then
+    every variant on the ablation seeds against those seeds' default and individual models (plot
+    ``stem-ablation.png``): a row is only ever compared with rows of the same seeds."""
+    main = {name: runs for name, runs in results.items() if name in MAIN_VARIANTS}
+    few = dataclasses.replace(config, seeds=ablation_seeds)
+    ablation = {name: [r for r in runs if r["seed"] in ablation_seeds] for name, runs in results.items()}
+    few_baselines = [b for b in baselines if b["seed"] in ablation_seeds]
+    parts = []
+    if main:
+        parts.append(summarise(main, baselines, config, chance, device, schedule))
+        plot(main, baselines, config, stem.with_suffix(".png"))
+    seeds = ", ".join(str(s) for s in ablation_seeds)
+    parts.append(f"The ablation and candidates, seed(s) {seeds}: every variant against the same seeds' "
+                 "default and individual models (targets are judged on every seed, above).\n\n"
+                 + summarise(ablation, few_baselines, few, chance, device, schedule, with_targets=False))
+    plot(ablation, few_baselines, few, stem.parent / f"{stem.name}-ablation.png")
+    return "\n\n".join(parts)
+
+
 def summarise(results: Dict[str, List[dict]], baselines: List[dict], config: RecipeBenchmarkConfig,
-              chance: float, device: str, schedule: Schedule) -> str:
+              chance: float, device: str, schedule: Schedule, with_targets: bool = True) -> str:
     """The markdown table (mean and min–max over seeds) and the default's targets."""
     unseen = [w for w in WIDTHS if w < config.min_width]
     head = " | ".join(f"γ {100 * (1 - w):g} %" + (" (unseen)" if w in unseen else "") for w in WIDTHS)
@@ -470,7 +500,7 @@ def summarise(results: Dict[str, List[dict]], baselines: List[dict], config: Rec
         if calibrated:
             cells = [_cell([r["test"][str(w)] for r in calibrated]) for w in WIDTHS]
             lines.append(f"| {name}, {CALIBRATED} (same fits) | " + " | ".join(cells) + " | – | – | – |")
-    if "default" in results:
+    if "default" in results and with_targets:
         lines += ["", targets(results["default"], baselines, chance, config.min_width)]
         calibrated = _calibrated_runs(results["default"])
         if calibrated:
@@ -605,10 +635,18 @@ def run(config: RecipeBenchmarkConfig, log=print, schedule: Optional[Schedule] =
     schedule = schedule or (QUICK if config.quick else Schedule())
     all_variants = variants()
     candidates = {_switched(key, value) for _, key, value in candidate_flips()}
-    chosen = list(config.variants) or [v for v in all_variants if not (config.quick and v in candidates)]
+    chosen = list(config.variants) or [v for v in all_variants if v not in candidates]
     unknown = [v for v in chosen if v not in all_variants]
     if unknown:
         raise KeyError(f"unknown variant(s) {unknown}; available: {list(all_variants)}")
+    ablation_seeds = None if config.ablation_seeds is None else tuple(config.ablation_seeds)
+    if ablation_seeds is not None:
+        stray = [s for s in ablation_seeds if s not in config.seeds]
+        if stray or not ablation_seeds:
+            raise ValueError(f"ablation seeds {list(ablation_seeds)} must be some of the seeds "
+                             f"{list(config.seeds)} (not among them: {stray})")
+        if set(ablation_seeds) == set(config.seeds):
+            ablation_seeds = None  # every variant on every seed: one table
     tag = "recipe-quick" if config.quick else "recipe"
     out_root = Path(config.out_dir or f"runs/{tag}")
     results_stem = Path(config.results or f"benchmarks/results/{tag}")
@@ -631,15 +669,20 @@ def run(config: RecipeBenchmarkConfig, log=print, schedule: Optional[Schedule] =
         baseline = run_seed_baselines(config, schedule, seed, data, out, log, store, digest)
         baselines.append(dict(baseline, seed=seed))
         for name in chosen:
+            if ablation_seeds is not None and name not in MAIN_VARIANTS and seed not in ablation_seeds:
+                continue
             results[name].append(run_variant(name, all_variants[name], config, schedule, seed, data, out, log,
                                              store, digest))
     fitted_on = sorted({r.get("device", "not recorded") for runs in results.values() for r in runs})
     device = "; ".join(fitted_on) or device_name(config.device)
-    table = summarise(results, baselines, config, chance, device, schedule)
+    if ablation_seeds is None:
+        table = summarise(results, baselines, config, chance, device, schedule)
+        plot(results, baselines, config, results_stem.with_suffix(".png"))
+    else:
+        table = _two_tables(results, baselines, config, ablation_seeds, chance, device, schedule, results_stem)
     atomic_write(results_stem.with_suffix(".md"), lambda tmp: Path(tmp).write_text(table + "\n"))
     _write_json(results_stem.with_suffix(".json"), {"results": results, "baselines": baselines,
                                                    "config": dataclasses.asdict(config), "device": device})
-    plot(results, baselines, config, results_stem.with_suffix(".png"))
     if "default" in results:
         plot_trajectory(results["default"], config.min_width,
                         results_stem.parent / f"{results_stem.name}-trajectory.png")
