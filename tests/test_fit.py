@@ -37,7 +37,9 @@ def test_fit_lowers_the_loss_on_a_real_batch(real):
     base, x, y, task = real
     manifold = nm.WeightManifold(nm.WidthSpace(base, x[:2]), nm.INRConfig(hidden=32, depth=3, frequencies=6))
     before = {w: _task_loss(manifold, task, x[:256], y[:256], w) for w in (1.0, 0.75)}
-    config = nm.FitConfig(steps=300, prefit_steps=20, lr=1e-2, eval_every=1000, recon_rows=1.0)
+    # lr 5e-3: at 1e-2 this tiny INR stayed at chance from one initialisation in four with the
+    # default lambda_1 = 1 (none with lambda_1 = 10); at 5e-3 five of five learn
+    config = nm.FitConfig(steps=300, prefit_steps=20, lr=5e-3, eval_every=1000, recon_rows=1.0)
     nm.fit(manifold, task, TensorLoader(x[:256], y[:256], batch_size=64), None, config, progress=False)
     after = {w: _task_loss(manifold, task, x[:256], y[:256], w) for w in (1.0, 0.75)}
     for w in before:  # from chance level (2.30) well on the way to the base model's 0.63
