@@ -66,8 +66,8 @@ def candidate_flips() -> List[tuple]:
     """Candidates, not options of the default: for the unseen widths more training at the narrow
     end, a smoother INR (fewer Fourier bands, wider coordinate noise); for the full width's gap,
     the in-place teacher distilled from the original model too, or a lower peak learning rate (the
-    warm-up to 1e-3 knocks the reconstructed full width down 5 points). ``--quick`` leaves them out
-    unless named (its time budget was measured on the paper preset, the default and the ablation)."""
+    warm-up to 1e-3 knocks the reconstructed full width down 5 points). ``run`` leaves them out
+    unless named: the default table is the paper preset, the default and the ablation."""
     fit, coords, inr = FitConfig(), CoordConfig(), INRConfig()
     return [("fit", "width_sampling", "narrow" if fit.width_sampling == "uniform" else "uniform"),
             ("inr", "frequencies", 8 if inr.frequencies != 8 else 16),
