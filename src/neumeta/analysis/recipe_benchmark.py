@@ -590,7 +590,10 @@ def plot(results: Dict[str, List[dict]], baselines: List[dict], config: RecipeBe
         ax.set_xlabel(f"channels of the smallest group ({group}); other groups at the same fraction")
     ax.set_ylabel("test accuracy %")
     ax.set_ylim(bottom=max(0, ax.get_ylim()[0]))
-    ax.legend(fontsize=7, loc="lower right")
+    if size:  # nothing was evaluated (every run lacks a curve): an empty plot, no empty legend
+        ax.legend(fontsize=7, loc="lower right")
+    else:
+        ax.text(0.5, 0.5, "no width curves in these results", ha="center", transform=ax.transAxes)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
