@@ -1,7 +1,8 @@
 """The recipe benchmark: every recipe variant against individually trained models, over seeds.
 
 For each seed: a base LeNet and individual LeNets at every evaluated width (same seed, same
-epochs, best epoch on validation); for each variant: the manifold fitted from that base
+epochs, best epoch on validation), and individual LeNets given as much data as the manifold saw
+(the base's epochs plus the joint steps: ``matched_epochs``), the fair comparison; for each variant: the manifold fitted from that base
 (best checkpoint on validation), then test accuracy at each width and at every integer width of
 the smallest morphed group (for the plot). Each (variant, seed) result is a JSON file under the
 run folder and is kept beside the table (``benchmarks/results/recipe-runs/seed<N>/``, small JSON
@@ -20,6 +21,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -109,6 +111,13 @@ class Schedule:
 
 
 QUICK = Schedule(epochs=1, prefit_steps=100, steps=100, eval_every=50, samples=5, curve_samples=1)
+
+
+def matched_epochs(schedule: Schedule, batches_per_epoch: int) -> int:
+    """Epochs that give an individual model as much training data as the manifold saw: its base
+    model's epochs plus the joint steps' batches, rounded up (the full schedule: 4 + 2500 steps of
+    430 batches = 10). The ``epochs`` models are the base's budget only."""
+    return schedule.epochs + math.ceil(schedule.steps / max(1, batches_per_epoch))
 
 
 @dataclass
@@ -242,6 +251,9 @@ def run_seed_baselines(config: RecipeBenchmarkConfig, schedule: Schedule, seed: 
     cached = _cached(kept, base_digest)
     if cached is not None:
         _check_base(cached, base_digest, f"seed {seed}'s individual models", log)
+        if _add_matched(cached, config, schedule, seed, data, out, log):
+            for where in kept:
+                _write_json(where, cached)
         _keep(cached, kept)
         return cached
     test, val, probe = {}, {}, None
@@ -266,9 +278,41 @@ def run_seed_baselines(config: RecipeBenchmarkConfig, schedule: Schedule, seed: 
         log(f"seed {seed}: individual width {width:g}: test {100 * test[str(width)]:.2f} %")
     result = {"test": test, "val": val, "base_sha256": base_digest,
               "plain_step_seconds": _plain_step_seconds(config.model, data, schedule.lr, seed, config.device)}
+    _add_matched(result, config, schedule, seed, data, out, log)
     for where in kept:
         _write_json(where, result)
     return result
+
+
+def _add_matched(result: dict, config: RecipeBenchmarkConfig, schedule: Schedule, seed: int, data, out: Path,
+                 log=print) -> bool:
+    """Individual models given the manifold's data (``matched_epochs``), trained like the others
+    (same seed, best epoch on validation) into ``result["test_matched"]`` etc.; False if it had them."""
+    epochs = matched_epochs(schedule, len(data.train))
+    if result.get("matched_epochs") == epochs:
+        return False
+    test, val, probe = {}, {}, None
+    for width in WIDTHS:
+        file = out / f"individual_{width:g}_e{epochs}.safetensors"
+        if file.exists():
+            model = load_model(file)
+        else:
+            kwargs = {}
+            if width != 1.0:
+                if probe is None:
+                    probe = WidthSpace(fold_batchnorm(load_model(out / "individual_1.safetensors")), data.example)
+                kwargs = width_kwargs(config.model, probe.resolve(width))
+            with reproducible_threads(config.device):
+                model = train_base(config.model, data, epochs, schedule.lr, seed, config.device, progress=True,
+                                   desc=f"individual {width:g} seed {seed}, {epochs} epochs", keep_best=True,
+                                   **kwargs)
+            save_model(model, file)
+        model.to(config.device)
+        test[str(width)] = data.task.evaluate(model, data.test, config.device)[data.task.metric]
+        val[str(width)] = data.task.evaluate(model, data.val, config.device)[data.task.metric]
+        log(f"seed {seed}: individual width {width:g}, {epochs} epochs: test {100 * test[str(width)]:.2f} %")
+    result.update(test_matched=test, val_matched=val, matched_epochs=epochs)
+    return True
 
 
 def run_variant(name: str, tree: dict, config: RecipeBenchmarkConfig, schedule: Schedule, seed: int, data,
@@ -479,8 +523,12 @@ def summarise(results: Dict[str, List[dict]], baselines: List[dict], config: Rec
              "full model, timed back to back in one process (step_cost).", "",
              f"| variant | {head} | step time (× plain step) | collapsed seeds | rollbacks |",
              "|---|" + "---|" * (len(WIDTHS) + 3)]
-    lines.append("| individual models | " + " | ".join(_cell([b["test"][str(w)] for b in baselines]) for w in WIDTHS)
-                 + " | 1 | – | – |")
+    lines.append(f"| individual models ({_epochs(schedule.epochs)}, the base's) | "
+                 + " | ".join(_cell([b["test"][str(w)] for b in baselines]) for w in WIDTHS) + " | 1 | – | – |")
+    matched = _matched_baselines(baselines)
+    if matched:
+        lines.append(f"| individual models ({_epochs(matched[0]['matched_epochs'])}: the manifold's data) | "
+                     + " | ".join(_cell([b["test"][str(w)] for b in matched]) for w in WIDTHS) + " | 1 | – | – |")
     for name, runs in results.items():
         cells = [_cell([r["test"][str(w)] for r in runs if r.get("test")]) for w in WIDTHS]
         collapsed = sum(1 for r in runs if _collapsed(r, chance, config.min_width))
@@ -509,7 +557,25 @@ def summarise(results: Dict[str, List[dict]], baselines: List[dict], config: Rec
         for rule, alt_runs in _alternative_runs(results["default"]).items():
             lines += ["", targets(alt_runs, baselines, chance, config.min_width).replace(
                 "the default recipe", f"the default recipe, checkpoint by {rule}")]
+        if matched:
+            against = f"against individual models given the manifold's data ({_epochs(matched[0]['matched_epochs'])})"
+            lines += ["", targets(results["default"], matched, chance, config.min_width).replace(
+                "the default recipe", f"the default recipe {against}")]
+            if calibrated:
+                lines += ["", targets(calibrated, matched, chance, config.min_width).replace(
+                    "the default recipe", f"the default recipe, {CALIBRATED}, {against}")]
     return "\n".join(lines)
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch" + ("" if n == 1 else "s")
+
+
+def _matched_baselines(baselines: List[dict]) -> List[dict]:
+    """The baselines with their data-matched models' numbers as ``test`` (empty unless all have them)."""
+    if not baselines or not all(b.get("test_matched") for b in baselines):
+        return []
+    return [dict(b, test=b["test_matched"], val=b["val_matched"]) for b in baselines]
 
 
 CALIBRATED = "sampled with statistics calibration"
@@ -585,7 +651,12 @@ def plot(results: Dict[str, List[dict]], baselines: List[dict], config: RecipeBe
         ax.axvspan(0.5, config.min_width * size - 0.5, color="grey", alpha=0.15, label="unseen in training")
         xs = [w * size for w in WIDTHS]
         ys = [100 * statistics.mean(b["test"][str(w)] for b in baselines) for w in WIDTHS]
-        ax.plot(xs, ys, "o", color="red", markersize=7, label="individual models")
+        ax.plot(xs, ys, "o", color="red", markersize=7, label="individual models (the base's epochs)")
+        matched = _matched_baselines(baselines)
+        if matched:
+            ys = [100 * statistics.mean(b["test"][str(w)] for b in matched) for w in WIDTHS]
+            ax.plot(xs, ys, "s", color="red", markerfacecolor="none", markersize=8,
+                    label=f"individual models ({_epochs(matched[0]['matched_epochs'])}: the manifold's data)")
         group = next(r for runs in results.values() for r in runs if r.get("curve"))["smallest_group"]
         ax.set_xlabel(f"channels of the smallest group ({group}); other groups at the same fraction")
     ax.set_ylabel("test accuracy %")
