@@ -208,3 +208,11 @@ def test_ablation_seeds_fit_the_ablation_on_those_seeds_only_and_write_two_table
     assert (tmp_path / "recipe.md").read_text().strip() == table
     with pytest.raises(ValueError, match="ablation seeds \\[3\\]"):
         rb.run(dataclasses.replace(config, ablation_seeds=(3,)), log=lambda *_: None, schedule=rb.QUICK)
+
+
+@pytest.mark.parametrize("kept", [{"epochs": 4}, {}])  # {}: kept before the epochs were recorded (4)
+def test_individual_models_of_other_epochs_are_refused(tmp_path, kept):
+    (tmp_path / "individual.json").write_text(json.dumps({"test": {}, "val": {}, **kept}))
+    with pytest.raises(ValueError, match="individual models of 4 epochs, not 10.*own --out-dir"):
+        rb.run_seed_baselines(rb.RecipeBenchmarkConfig(epochs=10), rb.Schedule(epochs=10), 0, None, tmp_path,
+                              log=lambda *_: None, base_digest="0" * 64)

@@ -128,6 +128,8 @@ class RecipeBenchmarkConfig:
                                                     # run on these seeds only (None: on every seed)
     variants: Sequence[str] = ()   # empty: all but the candidates
     model: str = "lenet"
+    epochs: Optional[int] = None   # base and individual models (None: the schedule's, 4 or 1 with quick);
+                                   # other epochs need their own out_dir and results (other base models)
     min_width: float = 0.5
     device: str = "cpu"
     out_dir: Optional[str] = None  # default runs/recipe or runs/recipe-quick
@@ -250,6 +252,11 @@ def run_seed_baselines(config: RecipeBenchmarkConfig, schedule: Schedule, seed: 
     base_digest = base_digest or model_digest(out / "individual_1.safetensors")
     cached = _cached(kept, base_digest)
     if cached is not None:
+        epochs = cached.setdefault("epochs", (QUICK if config.quick else Schedule()).epochs)  # kept before it was recorded
+        if epochs != schedule.epochs:
+            where = next(p for p in kept if p.exists())
+            raise ValueError(f"{where} holds individual models of {epochs} epochs, not {schedule.epochs}: "
+                             "give other epochs their own --out-dir and --results")
         _check_base(cached, base_digest, f"seed {seed}'s individual models", log)
         if _add_matched(cached, config, schedule, seed, data, out, log):
             for where in kept:
@@ -276,7 +283,7 @@ def run_seed_baselines(config: RecipeBenchmarkConfig, schedule: Schedule, seed: 
         test[str(width)] = data.task.evaluate(model, data.test, config.device)[data.task.metric]
         val[str(width)] = data.task.evaluate(model, data.val, config.device)[data.task.metric]
         log(f"seed {seed}: individual width {width:g}: test {100 * test[str(width)]:.2f} %")
-    result = {"test": test, "val": val, "base_sha256": base_digest,
+    result = {"test": test, "val": val, "base_sha256": base_digest, "epochs": schedule.epochs,
               "plain_step_seconds": _plain_step_seconds(config.model, data, schedule.lr, seed, config.device)}
     _add_matched(result, config, schedule, seed, data, out, log)
     for where in kept:
@@ -707,6 +714,10 @@ def plot_trajectory(runs: List[dict], min_width: float, path: Path, title: str =
 def run(config: RecipeBenchmarkConfig, log=print, schedule: Optional[Schedule] = None) -> str:
     """Run (or resume) every chosen variant for every seed; write and return the table."""
     schedule = schedule or (QUICK if config.quick else Schedule())
+    if config.epochs is not None:
+        if config.epochs < 1:
+            raise ValueError(f"recipe-benchmark: epochs must be >= 1, not {config.epochs}")
+        schedule = dataclasses.replace(schedule, epochs=config.epochs)
     all_variants = variants()
     candidates = {_switched(key, value) for _, key, value in candidate_flips()}
     chosen = list(config.variants) or [v for v in all_variants if v not in candidates]
