@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -208,6 +209,13 @@ def test_ablation_seeds_fit_the_ablation_on_those_seeds_only_and_write_two_table
     assert (tmp_path / "recipe.md").read_text().strip() == table
     with pytest.raises(ValueError, match="ablation seeds \\[3\\]"):
         rb.run(dataclasses.replace(config, ablation_seeds=(3,)), log=lambda *_: None, schedule=rb.QUICK)
+    # other epochs of the base and individual models: their own run folder and kept results
+    monkeypatch.chdir(tmp_path)
+    stores = []
+    monkeypatch.setattr(rb, "run_seed_baselines", lambda *a, **k: stores.append(a[6]) or fake_baselines(*a, **k))
+    rb.run(rb.RecipeBenchmarkConfig(seeds=(0,), variants=("default",), epochs=10), log=lambda *_: None)
+    assert stores == [Path("benchmarks/results/recipe-e10-runs/seed0")]
+    assert (tmp_path / "runs" / "recipe-e10" / "seed0").is_dir() and (tmp_path / "benchmarks/results/recipe-e10.md").exists()
 
 
 @pytest.mark.parametrize("kept", [{"epochs": 4}, {}])  # {}: kept before the epochs were recorded (4)

@@ -129,7 +129,7 @@ class RecipeBenchmarkConfig:
     variants: Sequence[str] = ()   # empty: all but the candidates
     model: str = "lenet"
     epochs: Optional[int] = None   # base and individual models (None: the schedule's, 4 or 1 with quick);
-                                   # other epochs need their own out_dir and results (other base models)
+                                   # others get their own default folders (runs/recipe-e10, recipe-e10-runs)
     min_width: float = 0.5
     device: str = "cpu"
     out_dir: Optional[str] = None  # default runs/recipe or runs/recipe-quick
@@ -256,7 +256,7 @@ def run_seed_baselines(config: RecipeBenchmarkConfig, schedule: Schedule, seed: 
         if epochs != schedule.epochs:
             where = next(p for p in kept if p.exists())
             raise ValueError(f"{where} holds individual models of {epochs} epochs, not {schedule.epochs}: "
-                             "give other epochs their own --out-dir and --results")
+                             "give other epochs their own --out-dir (and --results)")
         _check_base(cached, base_digest, f"seed {seed}'s individual models", log)
         if _add_matched(cached, config, schedule, seed, data, out, log):
             for where in kept:
@@ -733,6 +733,8 @@ def run(config: RecipeBenchmarkConfig, log=print, schedule: Optional[Schedule] =
         if set(ablation_seeds) == set(config.seeds):
             ablation_seeds = None  # every variant on every seed: one table
     tag = "recipe-quick" if config.quick else "recipe"
+    if schedule.epochs != (QUICK if config.quick else Schedule()).epochs:
+        tag += f"-e{schedule.epochs}"  # other base models: their own run folder and kept results
     out_root = Path(config.out_dir or f"runs/{tag}")
     results_stem = Path(config.results or f"benchmarks/results/{tag}")
     results_stem.parent.mkdir(parents=True, exist_ok=True)
