@@ -216,6 +216,15 @@ def test_ablation_seeds_fit_the_ablation_on_those_seeds_only_and_write_two_table
     rb.run(rb.RecipeBenchmarkConfig(seeds=(0,), variants=("default",), epochs=10), log=lambda *_: None)
     assert stores == [Path("benchmarks/results/recipe-e10-runs/seed0")]
     assert (tmp_path / "runs" / "recipe-e10" / "seed0").is_dir() and (tmp_path / "benchmarks/results/recipe-e10.md").exists()
+    schedules = []
+    monkeypatch.setattr(rb, "run_variant", lambda name, tree, config, schedule, *a, **k:
+                        schedules.append(schedule) or fake_variant(name, tree, config, schedule, *a, **k))
+    rb.run(rb.RecipeBenchmarkConfig(seeds=(0,), variants=("default",), prefit_steps=3000, steps=7500),
+           log=lambda *_: None)
+    assert stores[-1] == Path("benchmarks/results/recipe-p3000-s7500-runs/seed0")
+    assert (schedules[-1].prefit_steps, schedules[-1].steps, schedules[-1].epochs) == (3000, 7500, 4)
+    with pytest.raises(ValueError, match="steps must be >= 1, not 0"):
+        rb.run(rb.RecipeBenchmarkConfig(seeds=(0,), variants=("default",), steps=0), log=lambda *_: None)
 
 
 @pytest.mark.parametrize("kept", [{"epochs": 4}, {}])  # {}: kept before the epochs were recorded (4)

@@ -130,6 +130,9 @@ class RecipeBenchmarkConfig:
     model: str = "lenet"
     epochs: Optional[int] = None   # base and individual models (None: the schedule's, 4 or 1 with quick);
                                    # others get their own default folders (runs/recipe-e10, recipe-e10-runs)
+    prefit_steps: Optional[int] = None  # the fit's schedule (None: the schedule's); others get their own
+    steps: Optional[int] = None         # folders too (runs/recipe-p3000-s7500), and the individual models
+                                        # given the manifold's data train longer with more steps
     min_width: float = 0.5
     device: str = "cpu"
     out_dir: Optional[str] = None  # default runs/recipe or runs/recipe-quick
@@ -714,10 +717,13 @@ def plot_trajectory(runs: List[dict], min_width: float, path: Path, title: str =
 def run(config: RecipeBenchmarkConfig, log=print, schedule: Optional[Schedule] = None) -> str:
     """Run (or resume) every chosen variant for every seed; write and return the table."""
     schedule = schedule or (QUICK if config.quick else Schedule())
-    if config.epochs is not None:
-        if config.epochs < 1:
-            raise ValueError(f"recipe-benchmark: epochs must be >= 1, not {config.epochs}")
-        schedule = dataclasses.replace(schedule, epochs=config.epochs)
+    standard = QUICK if config.quick else Schedule()
+    for key, least in (("epochs", 1), ("prefit_steps", 0), ("steps", 1)):
+        value = getattr(config, key)
+        if value is not None:
+            if value < least:
+                raise ValueError(f"recipe-benchmark: {key} must be >= {least}, not {value}")
+            schedule = dataclasses.replace(schedule, **{key: value})
     all_variants = variants()
     candidates = {_switched(key, value) for _, key, value in candidate_flips()}
     chosen = list(config.variants) or [v for v in all_variants if v not in candidates]
@@ -733,8 +739,10 @@ def run(config: RecipeBenchmarkConfig, log=print, schedule: Optional[Schedule] =
         if set(ablation_seeds) == set(config.seeds):
             ablation_seeds = None  # every variant on every seed: one table
     tag = "recipe-quick" if config.quick else "recipe"
-    if schedule.epochs != (QUICK if config.quick else Schedule()).epochs:
-        tag += f"-e{schedule.epochs}"  # other base models: their own run folder and kept results
+    # another schedule (other base models, other fits): its own run folder and kept results
+    for key, letter in (("epochs", "e"), ("prefit_steps", "p"), ("steps", "s")):
+        if getattr(schedule, key) != getattr(standard, key):
+            tag += f"-{letter}{getattr(schedule, key)}"
     out_root = Path(config.out_dir or f"runs/{tag}")
     results_stem = Path(config.results or f"benchmarks/results/{tag}")
     results_stem.parent.mkdir(parents=True, exist_ok=True)
