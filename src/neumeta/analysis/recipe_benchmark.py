@@ -266,26 +266,7 @@ def run_seed_baselines(config: RecipeBenchmarkConfig, schedule: Schedule, seed: 
                 _write_json(where, cached)
         _keep(cached, kept)
         return cached
-    test, val, probe = {}, {}, None
-    for width in WIDTHS:
-        file = out / f"individual_{width:g}.safetensors"
-        if file.exists():
-            model = load_model(file)
-        else:
-            kwargs = {}
-            if width != 1.0:
-                if probe is None:  # the channel counts a sampled network of this width has
-                    probe = WidthSpace(fold_batchnorm(load_model(out / "individual_1.safetensors")), data.example)
-                kwargs = width_kwargs(config.model, probe.resolve(width))
-            with reproducible_threads(config.device):
-                model = train_base(config.model, data, schedule.epochs, schedule.lr, seed, config.device,
-                                   progress=True, desc=f"individual {width:g} seed {seed}", keep_best=True,
-                                   **kwargs)
-            save_model(model, file)
-        model.to(config.device)
-        test[str(width)] = data.task.evaluate(model, data.test, config.device)[data.task.metric]
-        val[str(width)] = data.task.evaluate(model, data.val, config.device)[data.task.metric]
-        log(f"seed {seed}: individual width {width:g}: test {100 * test[str(width)]:.2f} %")
+    test, val = _individual_models(config, schedule.epochs, schedule.lr, seed, data, out, log)
     result = {"test": test, "val": val, "base_sha256": base_digest, "epochs": schedule.epochs,
               "plain_step_seconds": _plain_step_seconds(config.model, data, schedule.lr, seed, config.device)}
     _add_matched(result, config, schedule, seed, data, out, log)
@@ -301,28 +282,36 @@ def _add_matched(result: dict, config: RecipeBenchmarkConfig, schedule: Schedule
     epochs = matched_epochs(schedule, len(data.train))
     if result.get("matched_epochs") == epochs:
         return False
+    test, val = _individual_models(config, epochs, schedule.lr, seed, data, out, log, suffix=f"_e{epochs}")
+    result.update(test_matched=test, val_matched=val, matched_epochs=epochs)
+    return True
+
+
+def _individual_models(config: RecipeBenchmarkConfig, epochs: int, lr: float, seed: int, data, out: Path,
+                       log=print, suffix: str = "") -> tuple:
+    """(test, validation) accuracy of an individual model at every benchmark width, trained for
+    ``epochs`` (same seed, best epoch on validation) or read from ``out/individual_<width><suffix>``."""
     test, val, probe = {}, {}, None
+    label = f", {epochs} epochs" if suffix else ""
     for width in WIDTHS:
-        file = out / f"individual_{width:g}_e{epochs}.safetensors"
+        file = out / f"individual_{width:g}{suffix}.safetensors"
         if file.exists():
             model = load_model(file)
         else:
             kwargs = {}
             if width != 1.0:
-                if probe is None:
+                if probe is None:  # the channel counts a sampled network of this width has
                     probe = WidthSpace(fold_batchnorm(load_model(out / "individual_1.safetensors")), data.example)
                 kwargs = width_kwargs(config.model, probe.resolve(width))
             with reproducible_threads(config.device):
-                model = train_base(config.model, data, epochs, schedule.lr, seed, config.device, progress=True,
-                                   desc=f"individual {width:g} seed {seed}, {epochs} epochs", keep_best=True,
-                                   **kwargs)
+                model = train_base(config.model, data, epochs, lr, seed, config.device, progress=True,
+                                   desc=f"individual {width:g} seed {seed}{label}", keep_best=True, **kwargs)
             save_model(model, file)
         model.to(config.device)
         test[str(width)] = data.task.evaluate(model, data.test, config.device)[data.task.metric]
         val[str(width)] = data.task.evaluate(model, data.val, config.device)[data.task.metric]
-        log(f"seed {seed}: individual width {width:g}, {epochs} epochs: test {100 * test[str(width)]:.2f} %")
-    result.update(test_matched=test, val_matched=val, matched_epochs=epochs)
-    return True
+        log(f"seed {seed}: individual width {width:g}{label}: test {100 * test[str(width)]:.2f} %")
+    return test, val
 
 
 def run_variant(name: str, tree: dict, config: RecipeBenchmarkConfig, schedule: Schedule, seed: int, data,
@@ -739,10 +728,12 @@ def run(config: RecipeBenchmarkConfig, log=print, schedule: Optional[Schedule] =
         if set(ablation_seeds) == set(config.seeds):
             ablation_seeds = None  # every variant on every seed: one table
     tag = "recipe-quick" if config.quick else "recipe"
-    # another schedule (other base models, other fits): its own run folder and kept results
+    # a schedule changed from the command line (other base models, other fits): its own run folder
+    # and kept results
     for key, letter in (("epochs", "e"), ("prefit_steps", "p"), ("steps", "s")):
-        if getattr(schedule, key) != getattr(standard, key):
-            tag += f"-{letter}{getattr(schedule, key)}"
+        value = getattr(config, key)
+        if value is not None and value != getattr(standard, key):
+            tag += f"-{letter}{value}"
     out_root = Path(config.out_dir or f"runs/{tag}")
     results_stem = Path(config.results or f"benchmarks/results/{tag}")
     results_stem.parent.mkdir(parents=True, exist_ok=True)
