@@ -174,7 +174,8 @@ def _fit(manifold, task, tmp_path, steps=12, selections=None, **kw):
 
 
 def test_guard_rolls_back_on_a_nan_and_finishes(small_manifold, tmp_path):
-    result, ckpt = _fit(small_manifold, _ScriptedTask(nan_calls={5}), tmp_path)  # loss call 5 = step 6
+    # loss call 5 = step 6; validation scripted above chance (a few real steps end at chance)
+    result, ckpt = _fit(small_manifold, _ScriptedTask(nan_calls={5}, scores=[0.8, 0.7] * 10), tmp_path)
     assert len(result.rollbacks) == 1 and "non-finite" in result.rollbacks[0]["why"]
     assert result.rollbacks[0]["to_step"] == 4  # the last validated state
     saved = torch.load(ckpt, weights_only=False)
@@ -201,6 +202,13 @@ def test_guard_gives_up_and_leaves_the_last_good_checkpoint(small_manifold, tmp_
     assert [row["step"] for row in saved["state"]["history"]] == [4]
 
 
+def test_guard_refuses_a_fit_that_never_left_chance(small_manifold, tmp_path):
+    scores = [0.1, 0.7] * 10  # width 1.0 at chance from the first evaluation on: it never *fell*
+    with pytest.raises(DivergenceError, match=r"never left chance.*step 4 .*width 1 "):
+        _fit(small_manifold, _ScriptedTask(scores=scores), tmp_path)
+    assert torch.load(tmp_path / "fit.ckpt", weights_only=False)["state"]["step"] == 14  # kept to inspect
+
+
 def test_without_the_guard_a_nan_stops_at_once(small_manifold, tmp_path):
     with pytest.raises(DivergenceError, match="step 6.*guard is off"):
         _fit(small_manifold, _ScriptedTask(nan_calls={5}), tmp_path, guard=False)
@@ -219,7 +227,7 @@ def test_select_widths_pick_the_checkpoint_by_their_own_mean(small_manifold, tmp
 
 
 def test_a_selection_width_outside_the_eval_widths_is_validated_too(small_manifold, tmp_path):
-    result, _ = _fit(small_manifold, nm.ClassificationTask(10), tmp_path, select_widths=(0.25,))
+    result, _ = _fit(small_manifold, nm.ClassificationTask(10), tmp_path, select_widths=(0.25,), guard=False)
     assert all(set(row) == {"step", "val_accuracy@1", "val_accuracy@0.5", "val_accuracy@0.25"}
                for row in result.history)
     best = next(row for row in result.history if row["step"] == result.best_step)

@@ -17,6 +17,18 @@ pytestmark = pytest.mark.skipif(not os.path.exists(FASHION) and not os.environ.g
 TINY = rb.Schedule(epochs=1, prefit_steps=4, steps=6, eval_every=3, samples=1, curve_samples=1)
 
 
+@pytest.fixture
+def unguarded(monkeypatch):
+    """Smoke schedules end at chance, which the divergence guard refuses: these tests are about the
+    benchmark's plumbing (the guard has its own tests in test_recipe.py)."""
+    real = rb._options
+
+    def options(*args, **kwargs):
+        fit_config, *rest = real(*args, **kwargs)
+        return (dataclasses.replace(fit_config, guard=False), *rest)
+    monkeypatch.setattr(rb, "_options", options)
+
+
 def test_matched_epochs_give_individual_models_the_manifolds_data():
     assert rb.matched_epochs(rb.Schedule(), batches_per_epoch=430) == 4 + 6  # 2500 steps = 5.8 epochs, rounded up
     assert rb.matched_epochs(rb.Schedule(steps=430), batches_per_epoch=430) == 5
@@ -33,7 +45,7 @@ def test_variants_switch_one_option_each():
 
 
 @pytest.mark.slow
-def test_benchmark_writes_table_json_and_plot_and_resumes(tmp_path):
+def test_benchmark_writes_table_json_and_plot_and_resumes(tmp_path, unguarded):
     config = rb.RecipeBenchmarkConfig(seeds=(0,), variants=("default", "paper"), out_dir=str(tmp_path / "runs"),
                                       results=str(tmp_path / "recipe"),
                                       data=DataConfig(train_size=512, val_size=500))
@@ -139,7 +151,7 @@ def test_base_models_do_not_depend_on_the_machines_thread_count(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_variant_fits_the_same_whatever_ran_before_in_the_process(tmp_path):
+def test_a_variant_fits_the_same_whatever_ran_before_in_the_process(tmp_path, unguarded):
     import shutil
     import torch
     config = rb.RecipeBenchmarkConfig(seeds=(0,), variants=("default",), out_dir=str(tmp_path / "runs"),

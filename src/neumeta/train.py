@@ -278,6 +278,21 @@ def task_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence
     return loss, l2
 
 
+def _refuse_never_learned(state: dict, config: FitConfig, chance: float, metric: str, checkpoint) -> None:
+    """The guard's other half: a fit whose chosen checkpoint sits at chance at a trained width never
+    fell (there is nothing good to roll back to), and is not returned as a result either."""
+    row = next((r for r in state["history"] if r["step"] == state["best_step"]), None)
+    for key, value in (row or {}).items():
+        if key == "step":
+            continue
+        width = float(key.rsplit("@", 1)[1])
+        if config.min_width <= width <= config.max_width and _is_collapsed(value, chance, config.collapse_margin):
+            where = f" ({checkpoint})" if checkpoint else ""
+            raise DivergenceError(f"fit never left chance: its best checkpoint, step {state['best_step']}{where}, has "
+                                  f"validation {metric} {value:.4f} at width {width:g} (chance {chance:.4f}); "
+                                  "train longer (prefit_steps, steps) or check the data and the base model")
+
+
 def _is_collapsed(score: float, chance: float, margin: float) -> bool:
     return score <= chance + margin * (1 - chance)
 
@@ -489,6 +504,8 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
                 bar.reset(total=total)
                 bar.update(step)
     bar.close()
+    if config.guard and chance is not None:
+        _refuse_never_learned(state, config, chance, task.metric, checkpoint)
     alternatives = {}
     for name, widths in selections.items():
         alt = state["alternatives"].get(name, {})
