@@ -113,6 +113,11 @@ class Schedule:
 QUICK = Schedule(epochs=1, prefit_steps=100, steps=100, eval_every=50, samples=5, curve_samples=1)
 
 
+def _standard_schedule(config: "RecipeBenchmarkConfig") -> Schedule:
+    """The schedule a run gets unless told otherwise: QUICK with ``quick``, else the full one."""
+    return QUICK if config.quick else Schedule()
+
+
 def matched_epochs(schedule: Schedule, batches_per_epoch: int) -> int:
     """Epochs that give an individual model as much training data as the manifold saw: its base
     model's epochs plus the joint steps' batches, rounded up (the full schedule: 4 + 2500 steps of
@@ -255,7 +260,7 @@ def run_seed_baselines(config: RecipeBenchmarkConfig, schedule: Schedule, seed: 
     base_digest = base_digest or model_digest(out / "individual_1.safetensors")
     cached = _cached(kept, base_digest)
     if cached is not None:
-        epochs = cached.setdefault("epochs", (QUICK if config.quick else Schedule()).epochs)  # kept before it was recorded
+        epochs = cached.setdefault("epochs", _standard_schedule(config).epochs)  # kept before it was recorded
         if epochs != schedule.epochs:
             where = next(p for p in kept if p.exists())
             raise ValueError(f"{where} holds individual models of {epochs} epochs, not {schedule.epochs}: "
@@ -705,8 +710,8 @@ def plot_trajectory(runs: List[dict], min_width: float, path: Path, title: str =
 
 def run(config: RecipeBenchmarkConfig, log=print, schedule: Optional[Schedule] = None) -> str:
     """Run (or resume) every chosen variant for every seed; write and return the table."""
-    schedule = schedule or (QUICK if config.quick else Schedule())
-    standard = QUICK if config.quick else Schedule()
+    standard = _standard_schedule(config)
+    schedule = schedule or standard
     for key, least in (("epochs", 1), ("prefit_steps", 0), ("steps", 1)):
         value = getattr(config, key)
         if value is not None:
