@@ -195,8 +195,9 @@ def test_guard_rolls_back_on_a_collapse_and_never_keeps_it(small_manifold, tmp_p
 
 def test_guard_gives_up_and_leaves_the_last_good_checkpoint(small_manifold, tmp_path):
     scores = [0.8, 0.7] + [0.1, 0.7] * 10  # collapses at every evaluation after the first
-    with pytest.raises(DivergenceError, match=r"step 8.*width 1.*3 rollbacks"):
+    with pytest.raises(DivergenceError, match=r"step 8.*width 1.*3 rollbacks") as error:
         _, ckpt = _fit(small_manifold, _ScriptedTask(scores=scores), tmp_path, guard_retries=3)
+    assert len(error.value.rollbacks) == 3 and all("width 1" in r["why"] for r in error.value.rollbacks)
     saved = torch.load(tmp_path / "fit.ckpt", weights_only=False)
     assert saved["state"]["step"] == 4 and saved["state"]["best_step"] == 4
     assert [row["step"] for row in saved["state"]["history"]] == [4]

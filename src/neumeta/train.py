@@ -122,7 +122,12 @@ class FitConfig:
 
 
 class DivergenceError(RuntimeError):
-    """``fit`` kept diverging (non-finite loss or collapse to chance) after every rollback."""
+    """``fit`` kept diverging (non-finite loss or collapse to chance) after every rollback;
+    ``rollbacks`` lists them (step, step rolled back to, why), as ``FitResult.rollbacks`` would."""
+
+    def __init__(self, message: str, rollbacks: Sequence[dict] = ()):
+        super().__init__(message)
+        self.rollbacks = list(rollbacks)
 
 
 @dataclass
@@ -382,7 +387,7 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
             where = f", {checkpoint}" if checkpoint else ""
             raise DivergenceError(f"fit diverged at step {step}: {why}; {len(state['rollbacks'])} rollbacks with a "
                                   f"lower learning rate did not help (last good checkpoint: step "
-                                  f"{good['state']['step']}{where})")
+                                  f"{good['state']['step']}{where})", rollbacks=state["rollbacks"])
         events = state["rollbacks"] + [{"step": step, "to_step": good["state"]["step"], "why": why}]
         restore(good)
         state["rollbacks"] = events

@@ -356,7 +356,8 @@ def run_variant(name: str, tree: dict, config: RecipeBenchmarkConfig, schedule: 
     try:
         fitted = _fitted(tree, config, schedule, seed, data, out, folder, log)
     except DivergenceError as err:  # recorded as a collapse; the benchmark goes on
-        result.update(diverged=str(err), test={}, val={}, curve={}, base_sha256=base_digest)
+        result.update(diverged=str(err), rollbacks=err.rollbacks, test={}, val={}, curve={},
+                      base_sha256=base_digest)
         for where in kept:
             _write_json(where, result)
         return result
