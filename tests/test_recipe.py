@@ -205,8 +205,9 @@ def test_guard_gives_up_and_leaves_the_last_good_checkpoint(small_manifold, tmp_
 
 def test_guard_refuses_a_fit_that_never_left_chance(small_manifold, tmp_path):
     scores = [0.1, 0.7] * 10  # width 1.0 at chance from the first evaluation on: it never *fell*
-    with pytest.raises(DivergenceError, match=r"never left chance.*step 4 .*width 1 "):
+    with pytest.raises(DivergenceError, match=r"never left chance.*step 4 .*width 1 ") as error:
         _fit(small_manifold, _ScriptedTask(scores=scores), tmp_path)
+    assert error.value.rollbacks == []  # nothing fell, so nothing was rolled back
     assert torch.load(tmp_path / "fit.ckpt", weights_only=False)["state"]["step"] == 14  # kept to inspect
 
 

@@ -295,7 +295,8 @@ def _refuse_never_learned(state: dict, config: FitConfig, chance: float, metric:
             where = f" ({checkpoint})" if checkpoint else ""
             raise DivergenceError(f"fit never left chance: its best checkpoint, step {state['best_step']}{where}, has "
                                   f"validation {metric} {value:.4f} at width {width:g} (chance {chance:.4f}); "
-                                  "train longer (prefit_steps, steps) or check the data and the base model")
+                                  "train longer (prefit_steps, steps) or check the data and the base model",
+                                  rollbacks=state["rollbacks"])
 
 
 def _is_collapsed(score: float, chance: float, margin: float) -> bool:
