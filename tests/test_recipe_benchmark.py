@@ -8,13 +8,14 @@ import pytest
 
 from neumeta.analysis import recipe_benchmark as rb
 from neumeta.experiment import DataConfig
+from neumeta.train import DivergenceError
 
 FASHION = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 
 pytestmark = pytest.mark.skipif(not os.path.exists(FASHION) and not os.environ.get("NEUMETA_DATA_DIR"),
                                 reason="needs the Fashion-MNIST files (CI installs dataset-fashion-mnist)")
 
-TINY = rb.Schedule(epochs=1, prefit_steps=4, steps=6, eval_every=3, samples=1, curve_samples=1)
+TINY = rb.Schedule(epochs=1, prefit_steps=4, steps=6, eval_every=3, samples=1, curve_samples=1, cost_rounds=2)
 
 
 @pytest.fixture
@@ -70,6 +71,7 @@ def test_benchmark_writes_table_json_and_plot_and_resumes(tmp_path, unguarded):
     # the network's own step, and the table shows the measured ratio
     cost = default["step_cost"]
     assert cost["ratio"] == pytest.approx(cost["fit_step_seconds"] / cost["plain_step_seconds"]) and cost["ratio"] > 1
+    assert cost["how"].startswith(f"{TINY.cost_rounds} rounds of ")  # the schedule sets the timing rounds
     assert f" | {cost['ratio']:.1f} | " in next(line for line in table.splitlines()
                                                       if line.startswith("| default |"))
     assert f"Targets for the default recipe, checkpoint by {rule}" in table
@@ -245,3 +247,18 @@ def test_individual_models_of_other_epochs_are_refused(tmp_path, kept):
     with pytest.raises(ValueError, match="individual models of 4 epochs, not 10.*own --out-dir"):
         rb.run_seed_baselines(rb.RecipeBenchmarkConfig(epochs=10), rb.Schedule(epochs=10), 0, None, tmp_path,
                               log=lambda *_: None, base_digest="0" * 64)
+
+
+def test_a_diverged_fit_is_recorded_with_its_rollbacks_and_device(tmp_path, monkeypatch):
+    rollbacks = [{"step": 8, "to_step": 4, "why": "validation accuracy at width 1 fell"}] * 3
+
+    def diverging(*args, **kwargs):
+        raise DivergenceError("fit diverged at step 8: width 1 fell to chance", rollbacks=rollbacks)
+    monkeypatch.setattr(rb, "_fitted", diverging)
+    config = rb.RecipeBenchmarkConfig(seeds=(0,), out_dir=str(tmp_path))
+    result = rb.run_variant("default", {}, config, TINY, 0, None, tmp_path, log=lambda *_: None,
+                            store=tmp_path / "kept", base_digest="0" * 64)
+    assert "step 8" in result["diverged"] and result["rollbacks"] == rollbacks
+    assert result["device"] == rb.device_name("cpu")  # the table's "fits run on" names it
+    kept = json.loads((tmp_path / "kept" / "default.json").read_text())
+    assert kept["diverged"] == result["diverged"] and rb._collapsed(kept, 0.1, 0.5)

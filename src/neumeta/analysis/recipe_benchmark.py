@@ -112,9 +112,11 @@ class Schedule:
     eval_every: int = 500
     samples: int = 50           # K for the test evaluation
     curve_samples: int = 10     # K for the per-channel curve
+    cost_rounds: int = 3        # rounds of step_cost timing (median over them)
 
 
-QUICK = Schedule(epochs=1, prefit_steps=100, steps=100, eval_every=50, samples=5, curve_samples=1)
+# a smoke run of every stage: one round of step timing saves ~1.5 min of a ~15 min run
+QUICK = Schedule(epochs=1, prefit_steps=100, steps=100, eval_every=50, samples=5, curve_samples=1, cost_rounds=1)
 
 
 def _standard_schedule(config: "RecipeBenchmarkConfig") -> Schedule:
@@ -183,13 +185,14 @@ def _plain_step_seconds(model_name, data, lr, seed, device, steps=50) -> float:
 
 
 def step_cost(tree: dict, config: "RecipeBenchmarkConfig", schedule: "Schedule", seed: int, data, out: Path,
-              rounds: int = 3, steps: int = 12) -> dict:
+              rounds: Optional[int] = None, steps: int = 12) -> dict:
     """A fit step of this variant against a plain step of the full model, timed back to back.
 
     Rounds of ``steps`` fit steps (a fresh manifold, no pre-fit, no evaluation) then ``steps``
     plain steps, in one process: whatever else runs on the machine slows both alike, so the ratio
     holds under any load (timing a fit and the baseline hours apart did not: 18x to 63x measured).
     """
+    rounds = rounds or schedule.cost_rounds
     fit_config, coords, inr, smoothing = _options(tree, schedule, config, seed)
     fit_config = dataclasses.replace(fit_config, prefit_steps=0, steps=steps, eval_every=10 ** 9, warmup=0.0)
     base = load_model(out / "individual_1.safetensors").to(config.device)
@@ -357,7 +360,7 @@ def run_variant(name: str, tree: dict, config: RecipeBenchmarkConfig, schedule: 
         fitted = _fitted(tree, config, schedule, seed, data, out, folder, log)
     except DivergenceError as err:  # recorded as a collapse; the benchmark goes on
         result.update(diverged=str(err), rollbacks=err.rollbacks, test={}, val={}, curve={},
-                      base_sha256=base_digest)
+                      base_sha256=base_digest, device=device_name(config.device), date=time.strftime("%Y-%m-%d"))
         for where in kept:
             _write_json(where, result)
         return result
@@ -524,7 +527,7 @@ def summarise(results: Dict[str, List[dict]], baselines: List[dict], config: Rec
     head = " | ".join(f"γ {100 * (1 - w):g} %" + (" (unseen)" if w in unseen else "") for w in WIDTHS)
     lines = [f"Recipe benchmark, {config.model} / Fashion-MNIST test split, {len(config.seeds)} seed(s) "
              f"{list(config.seeds)}, {_schedule_name(schedule)} schedule "
-             f"({schedule.epochs} epochs per individual model; fit {schedule.prefit_steps} pre-fit + "
+             f"({_epochs(schedule.epochs)} per individual model; fit {schedule.prefit_steps} pre-fit + "
              f"{schedule.steps} joint steps, K = {schedule.samples}), trained range γ ∈ [0, {1 - config.min_width:g}], "
              f"table written {time.strftime('%Y-%m-%d')}, fits run on: {device}. Accuracy %, mean (min–max over seeds); "
              "checkpoints chosen on the validation split; K noisy draws per weight, never jittered wider than "
