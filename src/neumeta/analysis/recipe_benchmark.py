@@ -165,43 +165,54 @@ def _write_json(path: Path, obj) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
 
 
-def _plain_step_seconds(model_name, data, lr, seed, device, steps=50) -> float:
-    """Mean wall time of a plain training step of the full model (the cost baseline)."""
+def plain_step_seconds(model_name, data, lr, seed, device, steps=50, batch_on_device=False) -> float:
+    """Mean wall time of a plain training step of the full model (the cost baseline); on a GPU
+    each step is waited for, so the time is the step's and not its launch's. ``batch_on_device``
+    trains on one batch already there, leaving the loader's share out."""
     from ..models import create_model
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     torch.manual_seed(seed)
     model = create_model(model_name).to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     batches = _batches(data.train)
+    fixed = [t.to(device) for t in next(batches)] if batch_on_device else None
     times = []
     for i in range(steps):
-        batch = [t.to(device) for t in next(batches)]
+        batch = fixed or [t.to(device) for t in next(batches)]
         start = time.perf_counter()
         loss = data.task.loss(model(batch[0]), batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.mean(times[min(5, steps // 3):])
 
 
+def fit_step_seconds(manifold, data, fit_config: FitConfig, steps: int) -> float:
+    """Mean wall time of a joint fit step of ``manifold`` with ``fit_config``'s options (no
+    pre-fit, no warm-up, no evaluation)."""
+    timed = dataclasses.replace(fit_config, prefit_steps=0, steps=steps, eval_every=10 ** 9, warmup=0.0)
+    return fit(manifold, data.task, data.train, None, timed, progress=False).step_seconds
+
+
 def step_cost(tree: dict, config: "RecipeBenchmarkConfig", schedule: "Schedule", seed: int, data, out: Path,
-              rounds: Optional[int] = None, steps: int = 12) -> dict:
+              steps: int = 12) -> dict:
     """A fit step of this variant against a plain step of the full model, timed back to back.
 
-    Rounds of ``steps`` fit steps (a fresh manifold, no pre-fit, no evaluation) then ``steps``
+    ``schedule.cost_rounds`` rounds of ``steps`` fit steps (a fresh manifold) then ``steps``
     plain steps, in one process: whatever else runs on the machine slows both alike, so the ratio
     holds under any load (timing a fit and the baseline hours apart did not: 18x to 63x measured).
     """
-    rounds = rounds or schedule.cost_rounds
+    rounds = schedule.cost_rounds
     fit_config, coords, inr, smoothing = _options(tree, schedule, config, seed)
-    fit_config = dataclasses.replace(fit_config, prefit_steps=0, steps=steps, eval_every=10 ** 9, warmup=0.0)
     base = load_model(out / "individual_1.safetensors").to(config.device)
     manifold = build_manifold(base, data.example.to(config.device), inr, coords, smoothing=smoothing, seed=seed,
                               log=lambda *_: None).to(config.device)
     fit_times, plain_times = [], []
     for _ in range(rounds):
-        fit_times.append(fit(manifold, data.task, data.train, None, fit_config, progress=False).step_seconds)
-        plain_times.append(_plain_step_seconds(config.model, data, schedule.lr, seed, config.device, steps))
+        fit_times.append(fit_step_seconds(manifold, data, fit_config, steps))
+        plain_times.append(plain_step_seconds(config.model, data, schedule.lr, seed, config.device, steps))
     fit_s, plain_s = statistics.median(fit_times), statistics.median(plain_times)
     return {"fit_step_seconds": fit_s, "plain_step_seconds": plain_s, "ratio": fit_s / plain_s,
             "how": f"{rounds} rounds of {steps} fit steps then {steps} plain steps, one process, medians"}
@@ -280,7 +291,7 @@ def run_seed_baselines(config: RecipeBenchmarkConfig, schedule: Schedule, seed: 
         return cached
     test, val = _individual_models(config, schedule.epochs, schedule.lr, seed, data, out, log)
     result = {"test": test, "val": val, "base_sha256": base_digest, "epochs": schedule.epochs,
-              "plain_step_seconds": _plain_step_seconds(config.model, data, schedule.lr, seed, config.device)}
+              "plain_step_seconds": plain_step_seconds(config.model, data, schedule.lr, seed, config.device)}
     _add_matched(result, config, schedule, seed, data, out, log)
     for where in kept:
         _write_json(where, result)
