@@ -1,4 +1,5 @@
-# Everything a fresh machine needs: `make demo` and `make test` create .venv and install first.
+# Everything a fresh machine needs: `make demo` and `make test` create .venv, install, and get
+# the data first.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -7,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install data clean
 
 install: $(STAMP)
 
@@ -17,10 +18,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-demo: $(STAMP)
+# Fashion-MNIST: found where it is, else Debian's package, else downloaded (scripts/get-data).
+data: $(STAMP)
+	@scripts/get-data $(BIN)/python
+
+demo: data
 	$(BIN)/neumeta demo --config configs/demo.yaml
 
-test: $(STAMP)
+test: data
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -24,11 +24,13 @@ from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `benchmarks` as a package, whatever the working directory
 try:
     import neumeta  # noqa: F401
 except ImportError:  # let the script run without PYTHONPATH=src as well
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from neumeta.analysis.recipe_benchmark import device_name, fit_step_seconds, plain_step_seconds
+    sys.path.insert(0, str(ROOT / "src"))
+from benchmarks.recipe_benchmark import device_name, fit_step_seconds, plain_step_seconds
 from neumeta.experiment import DataConfig, build_manifold, load_data
 from neumeta.models import create_model
 from neumeta.train import FitConfig

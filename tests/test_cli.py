@@ -1,11 +1,24 @@
-"""The `neumeta` command: every option documented, YAML + flag precedence, sample end to end."""
+"""The `neumeta` command: every option documented, one YAML file for every command, flag
+precedence, fit and sample end to end."""
 import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
 import neumeta as nm
-from neumeta.cli import COMMANDS, _add_options, load_config, main
+from neumeta import cli
+from neumeta.cli import COMMANDS, main, parse_command
+from neumeta.config import add_options, load_config
 from neumeta.experiment import DemoConfig
+
+FASHION = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
+DEMO_YAML = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+needs_fashion = pytest.mark.skipif(not os.path.exists(FASHION), reason="needs the Fashion-MNIST files "
+                                   "(CI installs dataset-fashion-mnist)")
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
@@ -14,7 +27,7 @@ def test_every_option_has_help(command, capsys):
         main([command, "--help"])
     text = capsys.readouterr().out
     parser = argparse.ArgumentParser()
-    _add_options(parser, COMMANDS[command][0])
+    add_options(parser, COMMANDS[command][0])
     for action in parser._actions:
         if action.option_strings and action.dest != "help":
             assert action.help and not action.help.startswith(" (default"), action.option_strings
@@ -25,7 +38,7 @@ def _config(tmp_path, yaml_text, flags):
     path = tmp_path / "c.yaml"
     path.write_text(yaml_text)
     parser = argparse.ArgumentParser()
-    _add_options(parser, DemoConfig)
+    add_options(parser, DemoConfig)
     return load_config(DemoConfig, parser.parse_args(["--config", str(path)] + flags))
 
 
@@ -43,6 +56,81 @@ def test_optional_width_list_flag_takes_widths(tmp_path):
 def test_unknown_yaml_key_is_named(tmp_path):
     with pytest.raises(SystemExit, match="stepz"):
         _config(tmp_path, "fit: {stepz: 10}\n", [])
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_one_yaml_file_configures_every_command(command):
+    func, config = parse_command([command, "--config", str(DEMO_YAML)])
+    assert func is COMMANDS[command][1] and isinstance(config, COMMANDS[command][0])
+
+
+def test_each_command_takes_its_own_options_from_the_shared_file():
+    raw = yaml.safe_load(DEMO_YAML.read_text())
+    _, base = parse_command(["train-base", "--config", str(DEMO_YAML)])
+    assert (base.model, base.epochs, base.lr, base.data.val_size) == (raw["model"], raw["epochs"], raw["lr"],
+                                                                      raw["data"]["val_size"])
+    _, fit = parse_command(["fit", "--config", str(DEMO_YAML), "--steps", "7"])
+    assert (fit.fit.prefit_steps, fit.fit.steps, fit.coords.noise) == (raw["fit"]["prefit_steps"], 7,
+                                                                       raw["coords"]["noise"])
+    assert fit.recipe == raw["recipe"] and fit.fit.eval_widths == tuple(raw["fit"]["eval_widths"])
+    _, sample = parse_command(["sample", "--config", str(DEMO_YAML)])
+    assert (sample.samples, sample.calibrate, sample.data.batch_size) == (raw["samples"], raw["calibrate"],
+                                                                          raw["data"]["batch_size"])
+    _, evaluate = parse_command(["eval", "--config", str(DEMO_YAML), "--split", "val"])
+    assert (evaluate.widths, evaluate.split) == (tuple(raw["widths"]), "val")
+    _, demo = parse_command(["demo", "--config", str(DEMO_YAML)])
+    assert (demo.out_dir, demo.fit.steps, demo.fit.min_width) == (raw["out_dir"], raw["fit"]["steps"],
+                                                                  raw["fit"]["min_width"])
+
+
+@pytest.mark.parametrize("command", ["train-base", "fit", "sample", "eval", "demo"])
+@pytest.mark.parametrize("typo, path", [("stepz: 10\n", "stepz"), ("fit: {stepz: 10}\n", "fit.stepz"),
+                                        ("data: {val_sise: 10}\n", "data.val_sise")])
+def test_a_key_of_no_command_is_refused_by_every_command_with_its_path(tmp_path, command, typo, path):
+    file = tmp_path / "typo.yaml"
+    file.write_text(DEMO_YAML.read_text() + typo)
+    with pytest.raises(SystemExit, match=rf"unknown option {path} in {file}: no command has it"):
+        parse_command([command, "--config", str(file)])
+
+
+def test_the_command_imports_no_benchmark_code_nor_matplotlib():
+    code = ("import sys\nfrom neumeta.cli import main\n"
+            "for argv in (['--help'], ['fit', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            # torch and torch-pruning ship modules of their own named *benchmark*: not ours
+            "print(sorted(m for m in sys.modules if ('benchmark' in m and m.split('.')[0] not in ('torch', "
+            "'torch_pruning')) or m.split('.')[0] == 'matplotlib'))\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+@needs_fashion
+def test_a_short_fit_ends_with_a_manifold_and_a_warning_not_a_traceback(tmp_path, capsys):
+    base = nm.save_model(nm.create_model("lenet"), tmp_path / "base.safetensors")
+    out = tmp_path / "m.neumeta"
+    # a few steps cannot leave chance; a wide collapse margin makes "at chance" certain
+    main(["fit", "--base", str(base), "--out", str(out), "--prefit-steps", "2", "--steps", "3", "--eval-every", "5",
+          "--train-size", "256", "--val-size", "500", "--batch-size", "64", "--hidden", "16", "--depth", "2",
+          "--frequencies", "2", "--collapse-margin", "0.5"])  # returns: exit status 0
+    printed = capsys.readouterr()
+    assert "wrote" in printed.out and nm.load(out).space.full
+    assert printed.err.count("never left chance") == 1
+    warning = next(line for line in printed.err.splitlines() if "never left chance" in line)
+    assert warning.startswith("warning: ") and "at width 1" in warning and "--steps and --prefit-steps" in warning
+
+
+def test_a_divergence_is_one_error_line_naming_the_way_out(monkeypatch, capsys):
+    """The message is fit's (test_recipe.py checks it names --no-guard); here: how the command shows it."""
+    def diverging(config):
+        raise nm.DivergenceError("fit diverged at step 8: ...; to fit on without rollbacks turn the divergence "
+                                 "guard off (guard=False, --no-guard)")
+    monkeypatch.setitem(cli.COMMANDS, "fit", (cli.FitCommandConfig, diverging, "fit"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: fit diverged at step 8") and "--no-guard" in err and len(err.splitlines()) == 1
 
 
 def test_invalid_value_is_reported(tmp_path):

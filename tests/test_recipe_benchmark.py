@@ -2,11 +2,14 @@
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from neumeta.analysis import recipe_benchmark as rb
+from benchmarks import recipe as entry
+from benchmarks import recipe_benchmark as rb
 from neumeta.experiment import DataConfig
 from neumeta.train import DivergenceError
 
@@ -20,8 +23,8 @@ TINY = rb.Schedule(epochs=1, prefit_steps=4, steps=6, eval_every=3, samples=1, c
 
 @pytest.fixture
 def unguarded(monkeypatch):
-    """Smoke schedules end at chance, which the divergence guard refuses: these tests are about the
-    benchmark's plumbing (the guard has its own tests in test_recipe.py)."""
+    """Smoke schedules sit near chance, where the divergence guard may roll back or give up: these
+    tests are about the benchmark's plumbing (the guard has its own tests in test_recipe.py)."""
     real = rb._options
 
     def options(*args, **kwargs):
@@ -62,11 +65,10 @@ def test_benchmark_writes_table_json_and_plot_and_resumes(tmp_path, unguarded):
     assert set(default["test"]) == {str(w) for w in rb.WIDTHS}
     assert len(default["curve"]) == 16  # every channel count of lenet's conv1
     assert set(default["curve_calibrated"]) == set(default["curve"])
-    (rule, alt), = default["alternatives"].items()  # the second selection rule, same fit
-    assert alt["widths"] == [1.0, 0.75, 0.5, 0.25] and set(alt["test"]) == set(default["test"])
-    assert f"| default, checkpoint by {rule} (same fits) |" in table
+    assert default["learned"] == (not default["warnings"])  # a smoke fit may end at chance: said, not raised
     assert f"| default, {rb.CALIBRATED} (same fits) |" in table
     assert f"Targets for the default recipe, {rb.CALIBRATED}" in table
+    assert "checkpoint by" not in table  # one selection rule: the validation mean of the trained widths
     # a fit step against a plain step, timed back to back: the INR's generation costs more than
     # the network's own step, and the table shows the measured ratio
     cost = default["step_cost"]
@@ -74,48 +76,28 @@ def test_benchmark_writes_table_json_and_plot_and_resumes(tmp_path, unguarded):
     assert cost["how"].startswith(f"{TINY.cost_rounds} rounds of ")  # the schedule sets the timing rounds
     assert f" | {cost['ratio']:.1f} | " in next(line for line in table.splitlines()
                                                       if line.startswith("| default |"))
-    assert f"Targets for the default recipe, checkpoint by {rule}" in table
     assert (tmp_path / "recipe.png").stat().st_size > 10_000
     assert (tmp_path / "recipe-trajectory.png").stat().st_size > 10_000  # validation along training
-    # a second run reads the cached per-run results instead of fitting again
-    result_file = next((tmp_path / "runs" / "seed0").glob("default/result.json"))
-    stamp = result_file.stat().st_mtime_ns
-    assert rb.run(config, log=lambda *_: None, schedule=TINY) == table
-    assert result_file.stat().st_mtime_ns == stamp
-    # the kept per-run results alone (a fresh clone: no run folder) rebuild the same table
-    kept = tmp_path / "recipe-runs" / "seed0"
-    assert {p.name for p in kept.iterdir()} == {"individual.json", "default.json", "paper.json"}
-    fresh = dataclasses.replace(config, out_dir=str(tmp_path / "fresh-runs"))
-    messages = []
-    assert rb.run(fresh, log=messages.append, schedule=TINY) == table
-    assert not list((tmp_path / "fresh-runs" / "seed0").glob("*/fit.ckpt"))  # nothing fitted again
-    assert not list((tmp_path / "fresh-runs" / "seed0").glob("individual_*_e3.safetensors"))  # nor trained
-    individual = json.loads((kept / "individual.json").read_text())
+    # per-run results stay in the run folder: beside the table only the table, its numbers and plots
+    assert {p.name for p in tmp_path.iterdir()} == {"runs", "recipe.md", "recipe.json", "recipe.png",
+                                                    "recipe-trajectory.png"}
+    individual = json.loads((tmp_path / "runs" / "seed0" / "individual.json").read_text())
     assert individual["matched_epochs"] == 3 and set(individual["test_matched"]) == {str(w) for w in rb.WIDTHS}
-    assert not any("another base model" in str(m) for m in messages)  # the retrained base is the same
-    # a result kept before calibration existed gets the same calibrated numbers from its finished
-    # checkpoint, without fitting again
-    paper = json.loads((kept / "paper.json").read_text())
-    assert set(paper["test_calibrated"]) == set(paper["test"])
-    assert paper["test_calibrated"]["1.0"] == pytest.approx(paper["test"]["1.0"], abs=2e-3)  # identity at full width
-    for copy in (kept / "paper.json", tmp_path / "runs" / "seed0" / "paper" / "result.json"):
-        copy.write_text(json.dumps({k: v for k, v in json.loads(copy.read_text()).items()
-                                    if k not in ("test_calibrated", "val_calibrated")}))
-    stamp = (tmp_path / "runs" / "seed0" / "paper" / "fit.ckpt").stat().st_mtime_ns
-    rb.run(config, log=lambda *_: None, schedule=TINY)
-    assert json.loads((kept / "paper.json").read_text())["test_calibrated"] == paper["test_calibrated"]
-    assert (tmp_path / "runs" / "seed0" / "paper" / "fit.ckpt").stat().st_mtime_ns == stamp
-    # a result kept before the step cost was measured gets it measured, without fitting again
-    for copy in (kept / "paper.json", tmp_path / "fresh-runs" / "seed0" / "paper" / "result.json"):
-        copy.write_text(json.dumps({k: v for k, v in json.loads(copy.read_text()).items() if k != "step_cost"}))
-    rb.run(fresh, log=lambda *_: None, schedule=TINY)
-    assert json.loads((kept / "paper.json").read_text())["step_cost"]["ratio"] > 1
-    assert not list((tmp_path / "fresh-runs" / "seed0").glob("*/fit.ckpt"))
-    for copy in (kept / "default.json", tmp_path / "fresh-runs" / "seed0" / "default" / "result.json"):
-        copy.write_text(json.dumps(dict(json.loads(copy.read_text()), base_sha256="0" * 64)))
-    messages.clear()
-    rb.run(fresh, log=messages.append, schedule=TINY)
+    # a second run reads the cached per-run results instead of fitting again
+    result_file = tmp_path / "runs" / "seed0" / "default" / "result.json"
+    stamp = result_file.stat().st_mtime_ns
+    messages = []
+    assert rb.run(config, log=messages.append, schedule=TINY) == table
+    assert result_file.stat().st_mtime_ns == stamp
+    assert not any("another base model" in str(m) for m in messages)
+    # a result beside another base model is said; one of other options is refused, not patched
+    result_file.write_text(json.dumps(dict(default, base_sha256="0" * 64)))
+    rb.run(config, log=messages.append, schedule=TINY)
     assert any("'default' was fitted from another base model" in str(m) for m in messages)
+    options = dict(default["options"], fit=dict(default["options"]["fit"], recon_weight=3.0))
+    result_file.write_text(json.dumps(dict(default, options=options)))
+    with pytest.raises(ValueError, match=r"other options than variant 'default'.*delete .*default to fit it again"):
+        rb.run(config, log=lambda *_: None, schedule=TINY)
 
 
 def test_targets_are_judged_per_seed():
@@ -166,19 +148,7 @@ def test_a_variant_fits_the_same_whatever_ran_before_in_the_process(tmp_path, un
         results.append(json.loads((tmp_path / "recipe.json").read_text())["results"]["default"][0])
         # fit again, the base and individual models now cached (no training reseeds torch first)
         shutil.rmtree(tmp_path / "runs" / "seed0" / "default")
-        (tmp_path / "recipe-runs" / "seed0" / "default.json").unlink()
     assert results[0]["history"] == results[1]["history"] and results[0]["test"] == results[1]["test"]
-
-
-def test_kept_copies_gain_the_measurements_a_run_folder_result_has(tmp_path):
-    run, kept = tmp_path / "result.json", tmp_path / "kept.json"
-    old = {"test": {"1.0": 0.9}}
-    kept.write_text(json.dumps(old))
-    newer = dict(old, test_calibrated={"1.0": 0.9})
-    rb._keep(newer, [run, kept])
-    assert json.loads(run.read_text()) == newer and json.loads(kept.read_text()) == newer
-    rb._keep(old, [kept])  # a copy with fewer measurements never overwrites one with more
-    assert json.loads(kept.read_text()) == newer
 
 
 def test_ablation_seeds_fit_the_ablation_on_those_seeds_only_and_write_two_tables(tmp_path, monkeypatch):
@@ -223,28 +193,33 @@ def test_ablation_seeds_fit_the_ablation_on_those_seeds_only_and_write_two_table
     assert (tmp_path / "recipe.md").read_text().strip() == table
     with pytest.raises(ValueError, match="ablation seeds \\[3\\]"):
         rb.run(dataclasses.replace(config, ablation_seeds=(3,)), log=lambda *_: None, schedule=rb.QUICK)
-    # other epochs of the base and individual models: their own run folder and kept results
+    # other epochs of the base and individual models: their own run folder, and the table there too
+    # (benchmarks/results holds the standard schedules' tables only)
     monkeypatch.chdir(tmp_path)
-    stores = []
-    monkeypatch.setattr(rb, "run_seed_baselines", lambda *a, **k: stores.append(a[6]) or fake_baselines(*a, **k))
+    folders = []
+    monkeypatch.setattr(rb, "run_seed_baselines", lambda *a, **k: folders.append(a[4]) or fake_baselines(*a, **k))
     rb.run(rb.RecipeBenchmarkConfig(seeds=(0,), variants=("default",), epochs=10), log=lambda *_: None)
-    assert stores == [Path("benchmarks/results/recipe-e10-runs/seed0")]
-    assert (tmp_path / "runs" / "recipe-e10" / "seed0").is_dir() and (tmp_path / "benchmarks/results/recipe-e10.md").exists()
+    assert folders == [Path("runs/recipe-e10/seed0")] and (tmp_path / "runs/recipe-e10/recipe.md").exists()
+    assert not (tmp_path / "benchmarks").exists()
     schedules = []
     monkeypatch.setattr(rb, "run_variant", lambda name, tree, config, schedule, *a, **k:
                         schedules.append(schedule) or fake_variant(name, tree, config, schedule, *a, **k))
     rb.run(rb.RecipeBenchmarkConfig(seeds=(0,), variants=("default",), prefit_steps=3000, steps=7500),
            log=lambda *_: None)
-    assert stores[-1] == Path("benchmarks/results/recipe-p3000-s7500-runs/seed0")
+    assert folders[-1] == Path("runs/recipe-p3000-s7500/seed0")
+    assert (tmp_path / "runs/recipe-p3000-s7500/recipe.md").exists() and not (tmp_path / "benchmarks").exists()
     assert (schedules[-1].prefit_steps, schedules[-1].steps, schedules[-1].epochs) == (3000, 7500, 4)
+    rb.run(rb.RecipeBenchmarkConfig(seeds=(0,), variants=("default",), quick=True), log=lambda *_: None)
+    assert folders[-1] == Path("runs/recipe-quick/seed0")  # a standard schedule: its table is kept
+    assert (tmp_path / "benchmarks/results/recipe-quick.md").exists()
     with pytest.raises(ValueError, match="steps must be >= 1, not 0"):
         rb.run(rb.RecipeBenchmarkConfig(seeds=(0,), variants=("default",), steps=0), log=lambda *_: None)
 
 
-@pytest.mark.parametrize("kept", [{"epochs": 4}, {}])  # {}: kept before the epochs were recorded (4)
-def test_individual_models_of_other_epochs_are_refused(tmp_path, kept):
+@pytest.mark.parametrize("kept, epochs", [({"epochs": 4}, "4"), ({}, "unrecorded")])
+def test_individual_models_of_other_epochs_are_refused(tmp_path, kept, epochs):
     (tmp_path / "individual.json").write_text(json.dumps({"test": {}, "val": {}, **kept}))
-    with pytest.raises(ValueError, match="individual models of 4 epochs, not 10.*own --out-dir"):
+    with pytest.raises(ValueError, match=f"individual models of {epochs} epochs, not 10.*own --out-dir"):
         rb.run_seed_baselines(rb.RecipeBenchmarkConfig(epochs=10), rb.Schedule(epochs=10), 0, None, tmp_path,
                               log=lambda *_: None, base_digest="0" * 64)
 
@@ -257,8 +232,41 @@ def test_a_diverged_fit_is_recorded_with_its_rollbacks_and_device(tmp_path, monk
     monkeypatch.setattr(rb, "_fitted", diverging)
     config = rb.RecipeBenchmarkConfig(seeds=(0,), out_dir=str(tmp_path))
     result = rb.run_variant("default", {}, config, TINY, 0, None, tmp_path, log=lambda *_: None,
-                            store=tmp_path / "kept", base_digest="0" * 64)
+                            base_digest="0" * 64)
     assert "step 8" in result["diverged"] and result["rollbacks"] == rollbacks
     assert result["device"] == rb.device_name("cpu")  # the table's "fits run on" names it
-    kept = json.loads((tmp_path / "kept" / "default.json").read_text())
-    assert kept["diverged"] == result["diverged"] and rb._collapsed(kept, 0.1, 0.5)
+    cached = json.loads((tmp_path / "default" / "result.json").read_text())
+    assert cached["diverged"] == result["diverged"] and rb._collapsed(cached, 0.1, 0.5)
+
+
+def test_a_fit_that_never_left_chance_counts_as_collapsed():
+    run = {"learned": False, "test": {str(w): 0.8 for w in rb.WIDTHS}}  # validation said chance
+    assert rb._collapsed(run, 0.1, 0.5) and not rb._collapsed(dict(run, learned=True), 0.1, 0.5)
+
+
+def test_every_option_of_the_entry_point_has_help():
+    parser = entry.make_parser()
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help and not action.help.startswith(" (default"), action.option_strings
+
+
+def test_the_entry_point_runs_as_a_script_from_anywhere(tmp_path):
+    script = Path(entry.__file__).resolve()
+    done = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr
+    assert "--ablation-seeds" in done.stdout and "--prefit-steps" in done.stdout and "--train-size" in done.stdout
+
+
+def test_the_entry_point_reads_the_shared_yaml_file_and_flags(tmp_path):
+    from neumeta.config import load_config
+    file = tmp_path / "c.yaml"
+    file.write_text("quick: true\nseeds: [1]\nfit: {steps: 9}\ndata: {train_size: 64}\n")  # fit: neumeta's
+    args = entry.make_parser().parse_args(["--config", str(file), "--variants", "default"])
+    config = load_config(rb.RecipeBenchmarkConfig, args, commands=entry.CONFIGS)
+    assert (config.quick, config.seeds, config.variants, config.data.train_size) == (True, (1,), ("default",), 64)
+    file.write_text("fit: {stepz: 9}\n")
+    with pytest.raises(SystemExit, match=r"fit\.stepz"):
+        load_config(rb.RecipeBenchmarkConfig, entry.make_parser().parse_args(["--config", str(file)]),
+                    commands=entry.CONFIGS)

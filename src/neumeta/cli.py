@@ -1,110 +1,26 @@
-"""The ``neumeta`` command: train-base, fit, sample, eval, demo.
+"""The ``neumeta`` command: train-base, fit, sample, eval, smooth, demo.
 
 Every command's options are the fields of a config dataclass. A YAML file (``--config``) sets
 any of them, with the same nesting (``fit: {steps: 3000}``); a flag on the command line
-overrides both.
+overrides both. One file serves every command: each takes its own options from it and ignores
+the others' (``neumeta.config``).
 """
 from __future__ import annotations
 
 import argparse
-import collections.abc
-import dataclasses
 import json
 import sys
-import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
-import yaml
-
-from .analysis.recipe_benchmark import RecipeBenchmarkConfig, run as recipe_benchmark
+from .config import add_options, load_config
 from .coords import CoordConfig
 from .experiment import DataConfig, DemoConfig, build_manifold, count_parameters, load_data, run_demo, train_base
 from .inr import INRConfig
 from .io import load_manifold, load_model, save_model
-from .recipes import RECIPES, merge_recipe
-from .train import FitConfig, fit
-
-HELP = {
-    # data
-    "dataset": "dataset name (fashion-mnist)",
-    "data_dir": "folder with the dataset files (default: $NEUMETA_DATA_DIR, the Debian package's folder, "
-                "~/.cache/neumeta, then download)",
-    "val_size": "training images held out for validation (model selection); the test split is only for final tables",
-    "batch_size": "training batch size",
-    "eval_batch_size": "batch size when evaluating",
-    "train_size": "use only the first N training images (smoke runs; default: all)",
-    # base / individual training
-    "model": "registry name of the network (see `neumeta list-models`); for smooth also a model file",
-    "epochs": "training epochs of the base model and of each individual baseline",
-    "lr": "Adam learning rate of plain training (base model, individual baselines)",
-    "seed": "random seed (data order, initialisation, width sampling)",
-    "device": "torch device: cpu, cuda, cuda:1, ...",
-    "out": "output file",
-    "out_dir": "run folder: every artefact goes here; rerunning resumes from what is there",
-    # fit
-    "steps": "joint training steps of the manifold, after the pre-fit",
-    "prefit_steps": "reconstruction-only steps before joint training",
-    "fit_lr": "Adam learning rate of the INR",
-    "warmup": "fraction of the joint steps with a linear learning-rate warm-up",
-    "min_width": "narrowest width multiplier seen in training (0.5 = compression 50 %)",
-    "max_width": "widest width multiplier seen in training",
-    "per_group": "draw each channel group's width independently (else one multiplier for all)",
-    "width_sampling": "how widths are drawn in the range: uniform, or narrow (density falling linearly "
-                      "towards the widest, so the narrow end is trained more)",
-    "recon_weight": "lambda_1: weight of the reconstruction loss (see docs for the exact formula)",
-    "recon_rows": "fraction of full-width weight rows used to estimate the reconstruction loss each step",
-    "recon_noise": "jitter the coordinates in the reconstruction loss too",
-    "l2_weight": "lambda_2: weight of the squared L2 norm of the generated weights",
-    "inplace_distill": "in-place distillation: the full width learns the labels, the sampled width its outputs",
-    "sandwich": "sandwich rule: the narrowest width of the range is also trained every step",
-    "original_distill": "the reference (pre-trained) network's outputs also teach every trained width (KD)",
-    "original_distill_full": "with in-place distillation, the generated full width (the teacher) also learns the "
-                             "reference network's outputs (KD)",
-    "recon_reduction": "reconstruction loss per tensor: mean over elements, or sum (the paper's squared norms)",
-    "guard": "divergence guard: roll back to the last good checkpoint on NaN/inf or a collapse to chance",
-    "guard_retries": "rollbacks before fit stops with an error",
-    "guard_lr_factor": "learning-rate multiplier at each rollback",
-    "collapse_margin": "a width counts as collapsed at metric <= chance + margin * (1 - chance)",
-    "quick": "one seed and a short schedule (a smoke run in minutes; not for conclusions)",
-    "seeds": "seeds: each trains its own base and individual models and fits every variant",
-    "variants": "variant names to run (default: the paper preset, the default and the ablation; candidate "
-                "variants only when named, see neumeta.analysis.recipe_benchmark.candidate_flips and variants)",
-    "ablation_seeds": "run the variants other than paper and default on these seeds only (some of --seeds); "
-                      "the table then has two parts: paper and default over every seed, all variants on these",
-    "results": "path stem of the written table (.md), raw numbers (.json) and plot (.png)",
-    "recipe": "named recipe under the other options: default (chosen on validation) or paper (as published)",
-    "ema": "decay of the exponential moving average of the INR used for evaluation",
-    "grad_clip": "clip the INR's gradient norm to this (0 = off)",
-    "eval_every": "validate (and checkpoint) every this many steps",
-    "eval_widths": "width multipliers validated during fit; their mean accuracy selects the checkpoint",
-    "select_widths": "widths whose mean validation accuracy selects the checkpoint instead (also validated)",
-    "eval_samples": "noisy coordinate draws averaged per validation (1 = noise-free centres)",
-    # coords / inr
-    "size_terms": "add the paper's size coordinates L/N, C_in/N, C_out/N",
-    "positions": "channel positions: center = (j+1/2)/C, index = j/C (paper)",
-    "noise": "coordinate noise half-width, in channel cells (0.5 = the whole cell)",
-    "hidden": "INR hidden width",
-    "depth": "INR linear layers per block",
-    "frequencies": "Fourier feature frequencies",
-    # commands
-    "base": "the trained full-width model (written by `neumeta train-base`)",
-    "checkpoint": "training checkpoint (written atomically at every validation; default: OUT.ckpt)",
-    "resume": "continue from the checkpoint if it exists",
-    "manifold": "a manifold file written by `neumeta fit`",
-    "width": "a width multiplier (0.5), or exact channels/multipliers per group (conv1=8,fc1=0.5)",
-    "widths": "width multipliers to evaluate",
-    "samples": "noisy coordinate draws averaged per weight (the paper's K)",
-    "calibrate": "training batches (unlabelled) that calibrate each sampled network's activation statistics "
-                 "to the full width's (neumeta.calibrate; 0 = off): several points at unseen narrow widths",
-    "smooth": "reorder channels by the TSP smoothing permutation before fitting (same function, smoother weights)",
-    "split": "which split to evaluate: val or test",
-    "input_shape": "shape of one input (without the batch), for tracing",
-}
-RENAME = {("fit", "lr"): "fit_lr"}
-SKIP = {("fit", "seed")}  # the command's own --seed sets it
-
+from .train import DivergenceError, FitConfig, NeverLearnedWarning, fit
 
 @dataclass
 class TrainBaseConfig:
@@ -164,93 +80,6 @@ class EvalConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
 
-# --------------------------------------------------------------------------- config plumbing
-def _leaves(cls, path: Tuple[str, ...] = ()) -> List[Tuple[Tuple[str, ...], dataclasses.Field, Any]]:
-    hints = typing.get_type_hints(cls)
-    out = []
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            out += _leaves(hints[f.name], path + (f.name,))
-        elif path[-1:] + (f.name,) not in SKIP:
-            out.append((path + (f.name,), f, hints[f.name]))
-    return out
-
-
-def _flag(path: Tuple[str, ...]) -> str:
-    return RENAME.get(path[-2:], path[-1]) if len(path) > 1 else path[-1]
-
-
-def _add_options(parser: argparse.ArgumentParser, cls) -> None:
-    parser.add_argument("--config", metavar="YAML", help="YAML file of options (same names, same nesting)")
-    for path, f, hint in _leaves(cls):
-        name = _flag(path)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kwargs: Dict[str, Any] = dict(dest=".".join(path), default=argparse.SUPPRESS, metavar=name.upper(),
-                                      help=f"{HELP.get(name, '')} (default: {default})".replace("%", "%%"))
-        if typing.get_origin(hint) is typing.Union:  # Optional[X]: the flag takes an X
-            hint = next(a for a in typing.get_args(hint) if a is not type(None))
-        origin = typing.get_origin(hint)
-        args = typing.get_args(hint)
-        if hint is bool:
-            kwargs.update(action=argparse.BooleanOptionalAction, metavar=None)
-        elif origin in (list, tuple, collections.abc.Sequence):
-            kwargs.update(nargs="+", type=args[0] if args and args[0] is not Ellipsis else float)
-        else:
-            kwargs["type"] = hint
-        parser.add_argument("--" + name.replace("_", "-"), **kwargs)
-
-
-def _set(tree: dict, path: Sequence[str], value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-def _build(cls, values: dict, where: str):
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - names
-    if unknown:
-        raise SystemExit(f"error: unknown option(s) {', '.join(sorted(unknown))} in {where}; "
-                         f"known: {', '.join(sorted(names))}")
-    kwargs = {}
-    for key, value in values.items():
-        if dataclasses.is_dataclass(hints[key]):
-            if not isinstance(value, dict):
-                raise SystemExit(f"error: {where}.{key} must be a mapping of options")
-            kwargs[key] = _build(hints[key], value, f"{where}.{key}")
-        else:
-            kwargs[key] = tuple(value) if isinstance(value, list) else value
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as err:
-        raise SystemExit(f"error: invalid options in {where}: {err}")
-
-
-def load_config(cls, args: argparse.Namespace):
-    """Defaults, then the YAML file, then command-line flags."""
-    values: dict = {}
-    if getattr(args, "config", None):
-        path = Path(args.config)
-        if not path.is_file():
-            raise SystemExit(f"error: config file {path} not found")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise SystemExit(f"error: {path} must hold a mapping of options")
-        values.update(loaded)
-    for dest, value in vars(args).items():
-        if dest not in ("config", "command", "func"):
-            _set(values, dest.split("."), value)
-    if "recipe" in {f.name for f in dataclasses.fields(cls)}:
-        if values.get("recipe", "default") not in RECIPES:
-            raise SystemExit(f"error: unknown recipe {values['recipe']!r}; available: {', '.join(RECIPES)}")
-        values = merge_recipe(values)  # the recipe, then the YAML file, then flags
-    config = _build(cls, values, getattr(args, "config", None) or "options")
-    if hasattr(config, "fit") and hasattr(config, "seed"):
-        config.fit.seed = config.seed
-    return config
-
-
 def _parse_width(text: str):
     if "=" not in text:
         return float(text)
@@ -279,10 +108,15 @@ def cmd_fit(c: FitCommandConfig) -> None:
     manifold = build_manifold(base, data.example.to(c.device), c.inr, c.coords, smoothing=c.smooth,
                               seed=c.seed).to(c.device)
     checkpoint = c.checkpoint or f"{c.out}.ckpt"
-    result = fit(manifold, data.task, data.train, data.val, c.fit, checkpoint=checkpoint, resume=c.resume)
-    result.manifold.save(c.out, extra={"best_step": result.best_step, "history": result.history})
+    with warnings.catch_warnings():  # said once, below, after the manifold is written
+        warnings.simplefilter("ignore", NeverLearnedWarning)
+        result = fit(manifold, data.task, data.train, data.val, c.fit, checkpoint=checkpoint, resume=c.resume)
+    result.manifold.save(c.out, extra={"best_step": result.best_step, "history": result.history,
+                                       "learned": result.learned})
     print(f"best validation step {result.best_step} (mean {data.task.metric} {100 * result.best_score:.2f} %); "
           f"wrote {c.out}")
+    for note in result.warnings:
+        print(f"warning: {note}", file=sys.stderr)
 
 
 def _calibration(manifold, c, data=None) -> dict:
@@ -367,12 +201,6 @@ def cmd_demo(c: DemoConfig) -> None:
     run_demo(c)
 
 
-def cmd_recipe_benchmark(c: RecipeBenchmarkConfig) -> None:
-    if c.quick and tuple(c.seeds) == (0, 1, 2):
-        c.seeds = (0,)
-    recipe_benchmark(c)
-
-
 def cmd_list_models(_args) -> None:
     from .models import list_models
     print("\n".join(list_models()))
@@ -385,31 +213,38 @@ COMMANDS = {
     "eval": (EvalConfig, cmd_eval, "accuracy of networks sampled at several widths"),
     "smooth": (SmoothConfig, cmd_smooth, "reorder channels to lower total variation (same function)"),
     "demo": (DemoConfig, cmd_demo, "LeNet / Fashion-MNIST end to end: manifold vs individual models"),
-    "recipe-benchmark": (RecipeBenchmarkConfig, cmd_recipe_benchmark,
-                         "every recipe variant over seeds against individual models (table + plot)"),
 }
+# every command's config: what one YAML file may hold, whichever command reads it
+CONFIGS = tuple(cls for cls, _, _ in COMMANDS.values())
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neumeta", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (cls, func, text) in COMMANDS.items():
         p = sub.add_parser(name, help=text, description=text)
-        _add_options(p, cls)
+        add_options(p, cls)
         p.set_defaults(func=func, cls=cls)
     p = sub.add_parser("list-models", help="names of the registered models")
     p.set_defaults(func=cmd_list_models, cls=None)
-    args = parser.parse_args(argv)
-    if args.cls is None:
-        return args.func(args)
-    cls = args.cls
-    del args.cls
-    func = args.func
-    del args.func
+    return parser
+
+
+def parse_command(argv: Optional[Sequence[str]] = None) -> Tuple[Callable, Any]:
+    """(the command's function, its config): defaults, then the YAML file, then the flags."""
+    args = make_parser().parse_args(argv)
+    func, cls = args.func, args.cls
+    del args.func, args.cls
+    return func, (args if cls is None else load_config(cls, args, commands=CONFIGS))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    func, config = parse_command(argv)
     try:
-        func(load_config(cls, args))
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        func(config)
+    except (DivergenceError, FileNotFoundError, KeyError, ValueError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err  # no repr quotes
+        print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2)
 
 

@@ -39,6 +39,7 @@ class DataConfig:
     batch_size: int = 128
     eval_batch_size: int = 1000
     train_size: Optional[int] = None  # use only this many training images (smoke runs, tests)
+    eval_size: Optional[int] = None   # and this many validation and test images (smoke runs, tests)
 
 
 @dataclass
@@ -57,11 +58,13 @@ def load_data(config: DataConfig, seed: int = 0) -> Data:
     splits = spec["loader"](data_dir=config.data_dir, val_size=config.val_size, seed=seed)
     rank, world = rank_and_world()
     train = splits.train if config.train_size is None else tuple(t[:config.train_size] for t in splits.train)
+    val, test = ((split if config.eval_size is None else tuple(t[:config.eval_size] for t in split))
+                 for split in (splits.val, splits.test))
     return Data(
         train=TensorLoader(*train, batch_size=config.batch_size, shuffle=True, seed=seed,
                            rank=rank, world_size=world),
-        val=TensorLoader(*splits.val, batch_size=config.eval_batch_size, shuffle=False),
-        test=TensorLoader(*splits.test, batch_size=config.eval_batch_size, shuffle=False),
+        val=TensorLoader(*val, batch_size=config.eval_batch_size, shuffle=False),
+        test=TensorLoader(*test, batch_size=config.eval_batch_size, shuffle=False),
         task=ClassificationTask(spec["num_classes"]),
         example=splits.train[0][:2].clone(),
     )
@@ -105,6 +108,7 @@ class DemoConfig:
     widths: Sequence[float] = (1.0, 0.75, 0.5, 0.25)
     samples: int = 50
     calibrate: int = 20          # training batches calibrating each sampled network (0 = off)
+    curve_samples: int = 10      # K for the accuracy-against-width curve (demo.png); 0 = no curve
     smooth: bool = True
     recipe: str = "default"      # CLI/YAML: named recipe under the fit/coords options; in Python
                                  # build fit/coords with nm.recipe(name) instead
@@ -180,8 +184,10 @@ def run_demo(config: DemoConfig, progress: bool = True, log=print) -> Dict:
             "neumeta_test_uncalibrated": data.task.evaluate(plain, data.test, config.device)["accuracy"],
             "calibration_batches": batches,
         })
+    curve = width_curve(manifold, data, config, reference) if config.curve_samples else {}
     summary = {
         "rows": rows,
+        "curve": {f"{w:g}": v for w, v in curve.items()},
         "stored_individual": sum(r["params"] for r in rows),
         "stored_manifold": count_parameters(manifold),
         "manifold_path": str(manifold_path),
@@ -192,8 +198,38 @@ def run_demo(config: DemoConfig, progress: bool = True, log=print) -> Dict:
     table = format_table(summary)
     atomic_write(out / "demo.md", lambda tmp: Path(tmp).write_text(table + "\n"))
     log(table)
-    log(f"checkpoint: {manifold_path}   table: {out / 'demo.md'}")
+    log(f"checkpoint: {manifold_path}   table: {out / 'demo.md'}" + _draw(summary, config, out / "demo.png"))
     return summary
+
+
+def width_curve(manifold: WeightManifold, data: Data, config: DemoConfig, reference=None) -> Dict[float, float]:
+    """Test accuracy at every channel count of the smallest morphed group (the other groups at the
+    same fraction), K = ``curve_samples``: the line of the demo's plot."""
+    space = manifold.space
+    size = min(space.full.values())
+    calibration = {} if reference is None else {"calibration": reference}
+    curve = {}
+    for channels in range(1, size + 1):
+        width = channels / size
+        net = manifold.sample(width, samples=config.curve_samples, seed=config.seed, **calibration)
+        curve[width] = data.task.evaluate(net, data.test, config.device)[data.task.metric]
+    return curve
+
+
+def _draw(summary: Dict, config: DemoConfig, path: Path) -> str:
+    """demo.png, or nothing where matplotlib is not installed (it is an optional extra)."""
+    if not summary["curve"]:
+        return ""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return "   (no plot: pip install matplotlib)"
+    from .plot import plot_width_curve
+    plot_width_curve({float(w): v for w, v in summary["curve"].items()}, path,
+                     {r["width"]: r["individual_test"] for r in summary["rows"]},
+                     trained=(config.fit.min_width, config.fit.max_width),
+                     title=f"{config.model} on {config.data.dataset}: test accuracy against width")
+    return f"   plot: {path}"
 
 
 def format_table(summary: Dict) -> str:

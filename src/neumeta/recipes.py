@@ -22,8 +22,7 @@ RECIPES: Dict[str, Dict[str, dict]] = {
     "paper": {
         "coords": {"size_terms": True, "positions": "index"},
         "fit": {"recon_weight": 1.0, "recon_reduction": "sum", "warmup": 0.0, "per_group": False,
-                "inplace_distill": False, "sandwich": False, "original_distill": False,
-                "original_distill_full": False},
+                "inplace_distill": False, "sandwich": False, "original_distill": False},
     },
 }
 

@@ -1,7 +1,8 @@
 """fit(): learn the weight manifold.
 
-Each step samples one width configuration, generates that network's weights, runs the batch
-through it with ``torch.func.functional_call`` and minimises
+Each step samples one width configuration (channel counts drawn uniformly in [min_width,
+max_width], per channel group unless ``per_group`` is off), generates that network's weights,
+runs the batch through it with ``torch.func.functional_call`` and minimises
 
     L_task + recon_weight * L_recon + l2_weight * L_l2
 
@@ -17,8 +18,7 @@ through it with ``torch.func.functional_call`` and minimises
                   CE(f_s, y)                       plain
                   KL(f_full || f_s) + CE(f_full, y) in-place distillation (the full width
                                                    learns the labels, once per step)
-              plus KL(f_original || f_s) with ``original_distill`` (the default), and
-              KL(f_original || f_full) for the in-place teacher with ``original_distill_full``
+              plus KL(f_original || f_s) with ``original_distill`` (the default)
 
 Adam with a constant-LR reconstruction-only pre-fit, then a linear warm-up and a cosine
 decay; an EMA of the INR is what gets evaluated and returned. Checkpoints are written
@@ -26,9 +26,12 @@ atomically at every evaluation and ``resume=True`` continues from them. Under to
 gradients are averaged over processes and rank 0 alone writes and prints.
 
 The divergence guard keeps the last good state (in memory, and the checkpoint on disk): a
-non-finite loss, or a validation score that falls to chance at any evaluated width, rolls
+non-finite loss, or a validation score that falls to chance at a trained width, rolls
 training back to it with the learning rate multiplied by ``guard_lr_factor``; after
 ``guard_retries`` rollbacks ``fit`` stops with ``DivergenceError`` naming the step and width.
+A fit whose chosen checkpoint never left chance at a trained width (too short a schedule, most
+often) is no divergence: there is nothing to roll back to, so ``fit`` returns it with
+``FitResult.learned`` False and a ``NeverLearnedWarning`` that says how to train longer.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence
@@ -61,8 +65,6 @@ class FitConfig:
     min_width: float = 0.5       # narrowest trained width (compression gamma = 0.5)
     max_width: float = 1.0
     per_group: bool = True       # each group draws its own width (else one shared multiplier)
-    width_sampling: str = "uniform"  # "uniform" in [min_width, max_width], or "narrow": density
-                                     # falling linearly from the narrowest width to the widest (u^2)
     recon_weight: float = 1.0    # lambda_1 (chosen on validation over 3 seeds against 10: the same in
                                  # the trained range, better at the unseen narrower widths)
     recon_rows: float = 0.25     # fraction of full-width rows in each step's L_recon estimate
@@ -79,9 +81,6 @@ class FitConfig:
     original_distill: bool = True   # the reference (pre-trained) network's outputs also teach
                                     # every trained width (KD); chosen on validation over 3 seeds:
                                     # +0.35 at full width, +0.37 at 0.5, +0.41 at the unseen 0.25
-    original_distill_full: bool = False  # with in-place distillation: the generated full width (the
-                                         # teacher) also learns the reference network's outputs (KD),
-                                         # aimed at the full width's gap to the original model
     guard: bool = True           # roll back on NaN/inf or a collapse to chance
     guard_retries: int = 3       # rollbacks before giving up
     guard_lr_factor: float = 0.5  # learning rate multiplier at each rollback
@@ -104,8 +103,6 @@ class FitConfig:
             raise ValueError(f"ema must be in [0, 1), not {self.ema}")
         if self.recon_reduction not in ("mean", "sum"):
             raise ValueError(f"recon_reduction must be 'mean' or 'sum', not {self.recon_reduction!r}")
-        if self.width_sampling not in ("uniform", "narrow"):
-            raise ValueError(f"width_sampling must be 'uniform' or 'narrow', not {self.width_sampling!r}")
         if not 0 < self.guard_lr_factor < 1:
             raise ValueError(f"guard_lr_factor must be in (0, 1), not {self.guard_lr_factor}")
         self.eval_widths = tuple(float(w) for w in self.eval_widths)
@@ -130,6 +127,11 @@ class DivergenceError(RuntimeError):
         self.rollbacks = list(rollbacks)
 
 
+class NeverLearnedWarning(UserWarning):
+    """The fit ended, but its chosen checkpoint sits at chance at a trained width: the manifold is
+    returned (and a command writes it), yet it does not work there; it needs a longer schedule."""
+
+
 @dataclass
 class FitResult:
     manifold: WeightManifold        # the EMA manifold with the best validation score
@@ -138,16 +140,8 @@ class FitResult:
     history: List[dict] = field(default_factory=list)
     rollbacks: List[dict] = field(default_factory=list)  # the divergence guard's interventions
     step_seconds: float = float("nan")  # mean wall time of a joint (post-pre-fit) step
-    alternatives: Dict[str, "Selection"] = field(default_factory=dict)  # other selection rules, same run
-
-
-@dataclass
-class Selection:
-    """The checkpoint another selection rule picks from the same run (``fit(selections=...)``)."""
-    widths: tuple
-    manifold: WeightManifold
-    best_score: float
-    best_step: int
+    learned: bool = True            # False: the chosen checkpoint never left chance at a trained width
+    warnings: List[str] = field(default_factory=list)  # what fit warned about (NeverLearnedWarning)
 
 
 def rank_and_world() -> tuple:
@@ -199,21 +193,14 @@ def narrowest_widths(manifold: WeightManifold, config: FitConfig) -> Dict[str, i
 
 
 def sample_widths(manifold: WeightManifold, config: FitConfig, rng: random.Random) -> Dict[str, int]:
-    """One training configuration: channel counts drawn in [min_width, max_width], uniformly or
-    (``width_sampling="narrow"``) with a density falling linearly towards the widest."""
-    narrow = config.width_sampling == "narrow"
-    shared = config.min_width + (config.max_width - config.min_width) * rng.random() ** 2 if narrow \
-        else rng.uniform(config.min_width, config.max_width)
+    """One training configuration: channel counts drawn uniformly in [min_width, max_width], per
+    group or (``per_group=False``) one multiplier for all."""
+    shared = rng.uniform(config.min_width, config.max_width)
     counts = {}
     for name, size in manifold.space.full.items():
         lo = max(1, math.ceil(size * config.min_width - 1e-9))
         hi = max(lo, int(round(size * config.max_width)))
-        if not config.per_group:
-            counts[name] = min(hi, max(lo, round(size * shared)))
-        elif narrow:
-            counts[name] = lo + min(hi - lo, int(rng.random() ** 2 * (hi - lo + 1)))
-        else:
-            counts[name] = rng.randint(lo, hi)
+        counts[name] = rng.randint(lo, hi) if config.per_group else min(hi, max(lo, round(size * shared)))
     return counts
 
 
@@ -229,7 +216,7 @@ def evaluate_widths(manifold: WeightManifold, task, batches, widths: Sequence, s
     return results
 
 
-def _batches(loader, start_step: int = 0) -> Iterator:
+def endless_batches(loader, start_step: int = 0) -> Iterator:
     """Endless batches; starting at ``start_step`` replays the same epoch order as an unbroken run."""
     per_epoch = max(1, len(loader))
     epoch, skip = divmod(start_step, per_epoch)
@@ -270,8 +257,6 @@ def task_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence
         full = full_params if full_params is not None else manifold.generate(manifold.space.full, noise=True)
         teacher = functional_call(template, full, (x,))
         loss = task.loss(teacher, batch)
-        if config.original_distill_full and original_outputs is not None:
-            loss = loss + task.distill(teacher, original_outputs)
     for counts in counts_list:
         params = manifold.generate(counts, noise=True)
         outputs = functional_call(template, params, (x,))
@@ -283,23 +268,29 @@ def task_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence
     return loss, l2
 
 
-def _refuse_never_learned(state: dict, config: FitConfig, chance: float, metric: str, checkpoint) -> None:
-    """The guard's other half: a fit whose chosen checkpoint sits at chance at a trained width never
-    fell (there is nothing good to roll back to), and is not returned as a result either."""
+def never_learned(state: dict, config: FitConfig, chance: float, metric: str) -> Optional[str]:
+    """Why the chosen checkpoint is no working manifold, or None: it sits at chance at a trained
+    width. Not a divergence (nothing fell, so there is nothing to roll back to): a schedule too
+    short for this network, most often."""
     row = next((r for r in state["history"] if r["step"] == state["best_step"]), None)
+    at_chance = []
     for key, value in (row or {}).items():
         if key == "step":
             continue
         width = float(key.rsplit("@", 1)[1])
-        if config.min_width <= width <= config.max_width and _is_collapsed(value, chance, config.collapse_margin):
-            where = f" ({checkpoint})" if checkpoint else ""
-            raise DivergenceError(f"fit never left chance: its best checkpoint, step {state['best_step']}{where}, has "
-                                  f"validation {metric} {value:.4f} at width {width:g} (chance {chance:.4f}); "
-                                  "train longer (prefit_steps, steps) or check the data and the base model",
-                                  rollbacks=state["rollbacks"])
+        if config.min_width <= width <= config.max_width and is_collapsed(value, chance, config.collapse_margin):
+            at_chance.append(f"{value:.4f} at width {width:g}")
+    if not at_chance:
+        return None
+    return (f"fit never left chance: its best checkpoint, step {state['best_step']}, has validation {metric} "
+            f"{', '.join(at_chance)} (chance {chance:.4f}), so the manifold does not work there; train longer "
+            f"(steps and prefit_steps, --steps and --prefit-steps: the default is {FitConfig.prefit_steps} pre-fit "
+            f"+ {FitConfig.steps} joint steps, this fit had {config.prefit_steps} + {config.steps}) or check the "
+            "data and the base model")
 
 
-def _is_collapsed(score: float, chance: float, margin: float) -> bool:
+def is_collapsed(score: float, chance: float, margin: float) -> bool:
+    """A score "at chance": no better than chance + ``margin`` of the way to a perfect score."""
     return score <= chance + margin * (1 - chance)
 
 
@@ -322,14 +313,8 @@ def check_resumable(saved: Mapping, config: FitConfig, checkpoint) -> None:
 
 
 def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: FitConfig = FitConfig(),
-        checkpoint: Optional[str] = None, resume: bool = False, progress: bool = True,
-        selections: Optional[Mapping[str, Sequence[float]]] = None) -> FitResult:
+        checkpoint: Optional[str] = None, resume: bool = False, progress: bool = True) -> FitResult:
     """Train ``manifold`` on ``task``; returns the best EMA manifold on the validation data.
-
-    ``selections`` (name -> widths) tracks other checkpoint selection rules in the same run: each
-    keeps the EMA state with the best mean validation score at its widths (validated too), in
-    ``FitResult.alternatives[name]``; training itself is unchanged, so two rules are compared on
-    one trajectory.
 
     ``train_loader`` yields batches whose first element is the network's input; ``task`` gives
     ``loss(outputs, batch)``, ``distill(student, teacher)``, ``evaluate(fn, batches, device)``,
@@ -352,9 +337,6 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
     state = {"step": 0, "best_score": -math.inf, "best_step": -1, "best": None, "history": [],
              "rollbacks": [], "last_scores": {}, "joint_seconds": 0.0, "joint_steps": 0}
     chance = getattr(task, "chance", None)
-    selections = {name: tuple(float(w) for w in widths) for name, widths in (selections or {}).items()}
-    validated = config.validated_widths + tuple(dict.fromkeys(
-        w for widths in selections.values() for w in widths if w not in config.validated_widths))
 
     def capture() -> dict:
         return copy.deepcopy({"inr": manifold.state_dict(), "ema": ema.state_dict(),
@@ -375,8 +357,6 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
         saved = torch.load(checkpoint, map_location=device, weights_only=False)
         check_resumable(saved.get("config", {}), config, checkpoint)
         restore(saved)
-    for name in selections:  # each rule starts afresh, also when resuming from a checkpoint written before it
-        state.setdefault("alternatives", {}).setdefault(name, {"best_score": -math.inf, "best_step": -1, "best": None})
     good = capture()  # the divergence guard's rollback point
 
     def rollback(step: int, why: str):
@@ -388,7 +368,8 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
             where = f", {checkpoint}" if checkpoint else ""
             raise DivergenceError(f"fit diverged at step {step}: {why}; {len(state['rollbacks'])} rollbacks with a "
                                   f"lower learning rate did not help (last good checkpoint: step "
-                                  f"{good['state']['step']}{where})", rollbacks=state["rollbacks"])
+                                  f"{good['state']['step']}{where}); to fit on without rollbacks turn the "
+                                  "divergence guard off (guard=False, --no-guard)", rollbacks=state["rollbacks"])
         events = state["rollbacks"] + [{"step": step, "to_step": good["state"]["step"], "why": why}]
         restore(good)
         state["rollbacks"] = events
@@ -397,7 +378,7 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
             group["initial_lr"] = lr
             group["lr"] = lr * scheduler.lr_lambdas[0](state["step"])
         good = capture()
-        batches = _batches(train_loader, state["step"])
+        batches = endless_batches(train_loader, state["step"])
         if rank == 0 and progress:
             tqdm.write(f"divergence guard: {why} at step {step}; back to step {state['step']} with "
                        f"learning rate x{config.guard_lr_factor:g} ({len(events)}/{config.guard_retries})")
@@ -406,7 +387,7 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
         """Validate, keep the best, write the checkpoint; returns why the run collapsed, if it did."""
         nonlocal good
         if val_loader is not None:
-            scores = evaluate_widths(ema, task, val_loader, validated, config.eval_samples, device)
+            scores = evaluate_widths(ema, task, val_loader, config.validated_widths, config.eval_samples, device)
             values = {w: m[task.metric] for w, m in scores.items()}
             row = {"step": step, **{f"val_{task.metric}@{w:g}": v for w, v in values.items()}}
             if rank == 0 and progress:
@@ -418,21 +399,17 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
                     if not config.min_width <= w <= config.max_width:
                         continue
                     before = state["last_scores"].get(w)
-                    if (not math.isfinite(v) or (before is not None and _is_collapsed(v, chance, config.collapse_margin)
-                                                 and not _is_collapsed(before, chance, config.collapse_margin))):
+                    if (not math.isfinite(v) or (before is not None and is_collapsed(v, chance, config.collapse_margin)
+                                                 and not is_collapsed(before, chance, config.collapse_margin))):
                         was = "" if before is None else f", was {before:.4f}"
                         return f"validation {task.metric} at width {w:g} fell to {v:.4f} (chance {chance:.4f}{was})"
             state["last_scores"] = values
             chosen = config.select_widths or config.eval_widths
             state["history"].append(row)
-            # the primary rule's record is ``state`` itself (best_score, best_step, best), each
-            # other rule's is state["alternatives"][name]; one comparison keeps each
-            rules = [(state, chosen)] + [(state["alternatives"][name], widths) for name, widths in selections.items()]
-            for record, widths in rules:
-                rule_score = sum(values[w] for w in widths) / len(widths)
-                if rule_score > record["best_score"]:
-                    record.update(best_score=rule_score, best_step=step,
-                                  best={k: v.detach().clone() for k, v in ema.state_dict().items()})
+            score = sum(values[w] for w in chosen) / len(chosen)
+            if score > state["best_score"]:
+                state.update(best_score=score, best_step=step,
+                             best={k: v.detach().clone() for k, v in ema.state_dict().items()})
         state["step"] = step
         good = capture()
         if checkpoint and rank == 0:
@@ -441,7 +418,7 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
         return None
 
     original_outputs = None
-    batches = _batches(train_loader, state["step"])
+    batches = endless_batches(train_loader, state["step"])
     bar = tqdm(initial=state["step"], total=total, desc="fit", disable=not progress or rank != 0,
                dynamic_ncols=True)
     manifold.train()
@@ -465,7 +442,7 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
         else:
             counts = sample_widths(manifold, config, rng)
             trained = [counts] + ([narrowest_widths(manifold, config)] if config.sandwich else [])
-            if config.original_distill or (config.original_distill_full and config.inplace_distill):
+            if config.original_distill:
                 with torch.no_grad():
                     original_outputs = template(batch[0])
             task_loss, l2 = task_loss_terms(manifold, task, batch, trained, config, original_outputs, full_params)
@@ -510,19 +487,13 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
                 bar.reset(total=total)
                 bar.update(step)
     bar.close()
-    if config.guard and chance is not None:
-        _refuse_never_learned(state, config, chance, task.metric, checkpoint)
-    alternatives = {}
-    for name, widths in selections.items():
-        alt = state["alternatives"].get(name, {})
-        picked = copy.deepcopy(ema, memo={id(manifold.space): manifold.space})
-        if alt.get("best") is not None:
-            picked.load_state_dict(alt["best"])
-        alternatives[name] = Selection(widths, picked.eval(), alt.get("best_score", -math.inf),
-                                       alt.get("best_step", -1))
+    why = never_learned(state, config, chance, task.metric) if chance is not None else None
+    if why is not None and rank == 0:
+        warnings.warn(why, NeverLearnedWarning, stacklevel=2)
     if state["best"] is not None:
         ema.load_state_dict(state["best"])
     manifold.eval()
     ema.eval()
     return FitResult(ema, state["best_score"], state["best_step"], state["history"], state["rollbacks"],
-                     state["joint_seconds"] / max(1, state["joint_steps"]), alternatives)
+                     state["joint_seconds"] / max(1, state["joint_steps"]), learned=why is None,
+                     warnings=[why] if why else [])

@@ -1,0 +1,710 @@
+"""The recipe benchmark: every recipe variant against individually trained models, over seeds.
+
+For each seed: a base LeNet and individual LeNets at every evaluated width (same seed, same
+epochs, best epoch on validation), and individual LeNets given as much data as the manifold saw
+(the base's epochs plus the joint steps: ``matched_epochs``), the fair comparison; for each
+variant: the manifold fitted from that base (best checkpoint on validation), then test accuracy
+at each width and at every integer width of the smallest morphed group (for the plot). Each (variant, seed) result is a JSON file in the run
+folder (``runs/recipe/seed<N>/``, not tracked), so an interrupted benchmark resumes and variants
+and seeds can be added later; the table and plots are what is kept. A result records the SHA-256
+of the base model it was fitted from, and a mismatch (a base retrained differently) is reported.
+A result written with other options than its variant has now is refused: delete it (or the run
+folder) and it is fitted again.
+
+Variants: the paper preset, the default, and the default with one option switched at a time
+(the ablation, and candidates, run only when named). With ``ablation_seeds`` one command writes
+both tables: the paper preset and the default over every seed (the targets), and every variant
+on the ablation seeds beside the same seeds' default and individual models.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from neumeta.calibrate import DEFAULT_BATCHES, calibration_inputs
+from neumeta.coords import CoordConfig
+from neumeta.experiment import DataConfig, build_manifold, load_data, train_base
+from neumeta.fold import fold_batchnorm
+from neumeta.groups import WidthSpace
+from neumeta.inr import INRConfig
+from neumeta.io import atomic_write, load_model, save_model
+from neumeta.models import create_model, width_kwargs
+from neumeta.recipes import recipe_options
+from neumeta.train import DivergenceError, FitConfig, NeverLearnedWarning, endless_batches, fit, is_collapsed
+
+WIDTHS = (1.0, 0.75, 0.5, 0.375, 0.25, 0.125)  # gamma = 0, 25, 50, 62.5, 75, 87.5 %
+# How the test numbers sample a network (WeightManifold.noise_counts): K draws whose noise is
+# never wider than training's; unseen narrower widths are also evaluated the earlier way, with
+# noise over their whole (wider) cell, in ``test_whole_cell``.
+SAMPLING = "noise capped at the narrowest trained cell"
+# Statistics calibration of every sampled network (neumeta.calibrate) on this many training batches:
+# recorded beside the plain numbers (``test_calibrated``), same fits.
+CALIBRATION_BATCHES = DEFAULT_BATCHES
+# what the calibrated numbers of a result were measured with (one of its options: a result measured
+# otherwise is refused, as one fitted otherwise)
+CALIBRATION = f"every generated layer incl. the classifier, cell means of the full width, {CALIBRATION_BATCHES} batches"
+
+
+MAIN_VARIANTS = ("paper", "default")  # fitted on every seed, also with ``ablation_seeds``
+
+
+def _switched(name: str, value) -> str:
+    return f"default, {name} = {value}"
+
+
+def candidate_flips() -> List[tuple]:
+    """Candidates, not options of the default: for the unseen widths a smoother INR (fewer Fourier
+    bands, wider coordinate noise); for the trained widths' gap to individual models, narrower
+    coordinate noise (less jitter on the trained weights); for the full width's gap a lower peak
+    learning rate (the warm-up to 1e-3 knocks the reconstructed full width down 5 points) or a
+    higher one (the joint phase is still climbing when the schedule ends). ``run`` leaves them out
+    unless named: the default table is the paper preset, the default and the ablation."""
+    fit, coords, inr = FitConfig(), CoordConfig(), INRConfig()
+    return [("inr", "frequencies", 8 if inr.frequencies != 8 else 16),
+            ("coords", "noise", 1.0 if coords.noise != 1.0 else 0.5),
+            ("coords", "noise", 0.25 if coords.noise != 0.25 else 0.5),
+            ("fit", "lr", 5e-4 if fit.lr != 5e-4 else 1e-3),
+            ("fit", "lr", 2e-3 if fit.lr != 2e-3 else 1e-3)]
+
+
+def variants() -> Dict[str, dict]:
+    """Variant name -> option tree (``recipe``, ``fit``, ``coords``, ``inr``, ``smooth``)."""
+    fit, coords = FitConfig(), CoordConfig()
+    out = {"paper": {"recipe": "paper"}, "default": {}}
+    flips = candidate_flips() + [
+        # the ablation: each option of the default switched
+        ("coords", "size_terms", not coords.size_terms),
+        ("coords", "positions", "index" if coords.positions == "center" else "center"),
+        ("fit", "recon_reduction", "sum" if fit.recon_reduction == "mean" else "mean"),
+        ("fit", "recon_weight", 1.0 if fit.recon_weight != 1.0 else 10.0),
+        ("fit", "warmup", 0.0 if fit.warmup else 0.1),
+        ("fit", "inplace_distill", not fit.inplace_distill),
+        ("fit", "sandwich", not fit.sandwich),
+        ("fit", "original_distill", not fit.original_distill),
+    ]
+    for section, key, value in flips:
+        out[_switched(key, value)] = {section: {key: value}}
+    out[_switched("smooth", False)] = {"smooth": False}
+    return out
+
+
+@dataclass
+class Schedule:
+    epochs: int = 4             # base and individual models
+    lr: float = 1e-3
+    prefit_steps: int = 1000
+    steps: int = 2500
+    eval_every: int = 500
+    samples: int = 50           # K for the test evaluation
+    curve_samples: int = 10     # K for the per-channel curve
+    cost_rounds: int = 3        # rounds of step_cost timing (median over them)
+
+
+# a smoke run of every stage: one round of step timing saves ~1.5 min of a ~15 min run
+QUICK = Schedule(epochs=1, prefit_steps=100, steps=100, eval_every=50, samples=5, curve_samples=1, cost_rounds=1)
+
+
+def _standard_schedule(config: "RecipeBenchmarkConfig") -> Schedule:
+    """The schedule a run gets unless told otherwise: QUICK with ``quick``, else the full one."""
+    return QUICK if config.quick else Schedule()
+
+
+def matched_epochs(schedule: Schedule, batches_per_epoch: int) -> int:
+    """Epochs that give an individual model as much training data as the manifold saw: its base
+    model's epochs plus the joint steps' batches, rounded up (the full schedule: 4 + 2500 steps of
+    430 batches = 10). The ``epochs`` models are the base's budget only."""
+    return schedule.epochs + math.ceil(schedule.steps / max(1, batches_per_epoch))
+
+
+@dataclass
+class RecipeBenchmarkConfig:
+    quick: bool = False
+    seeds: Sequence[int] = (0, 1, 2)
+    ablation_seeds: Optional[Sequence[int]] = None  # variants other than the paper preset and the default
+                                                    # run on these seeds only (None: on every seed)
+    variants: Sequence[str] = ()   # empty: all but the candidates
+    model: str = "lenet"
+    epochs: Optional[int] = None   # base and individual models (None: the schedule's, 4 or 1 with quick);
+                                   # others get their own default run folder (runs/recipe-e10)
+    prefit_steps: Optional[int] = None  # the fit's schedule (None: the schedule's); others get their own
+    steps: Optional[int] = None         # run folder too (runs/recipe-p3000-s7500), and the individual models
+                                        # given the manifold's data train longer with more steps
+    min_width: float = 0.5
+    device: str = "cpu"
+    out_dir: Optional[str] = None  # default runs/recipe or runs/recipe-quick (+ the schedule's changes)
+    results: Optional[str] = None  # stem of the table, raw numbers and plots; default
+                                   # benchmarks/results/recipe(-quick) for the standard schedules, else
+                                   # <out_dir>/recipe (a changed schedule's table is not a standard one)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def _options(tree: dict, schedule: Schedule, config: RecipeBenchmarkConfig, seed: int):
+    base = recipe_options(tree.get("recipe", "default"))
+    fit_kw = {**base.get("fit", {}), **tree.get("fit", {})}
+    coord_kw = {**base.get("coords", {}), **tree.get("coords", {})}
+    fit_kw.update(prefit_steps=schedule.prefit_steps, steps=schedule.steps, eval_every=schedule.eval_every,
+                  min_width=config.min_width, seed=seed)
+    return FitConfig(**fit_kw), CoordConfig(**coord_kw), INRConfig(**tree.get("inr", {})), tree.get("smooth", True)
+
+
+def _write_json(path: Path, obj) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
+
+
+def plain_step_seconds(model_name, data, lr, seed, device, steps=50, batch_on_device=False) -> float:
+    """Mean wall time of a plain training step of the full model (the cost baseline); on a GPU
+    each step is waited for, so the time is the step's and not its launch's. ``batch_on_device``
+    trains on one batch already there, leaving the loader's share out."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    torch.manual_seed(seed)
+    model = create_model(model_name).to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    batches = endless_batches(data.train)
+    fixed = [t.to(device) for t in next(batches)] if batch_on_device else None
+    times = []
+    for i in range(steps):
+        batch = fixed or [t.to(device) for t in next(batches)]
+        start = time.perf_counter()
+        loss = data.task.loss(model(batch[0]), batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.mean(times[min(5, steps // 3):])
+
+
+def fit_step_seconds(manifold, data, fit_config: FitConfig, steps: int) -> float:
+    """Mean wall time of a joint fit step of ``manifold`` with ``fit_config``'s options (no
+    pre-fit, no warm-up, no evaluation)."""
+    timed = dataclasses.replace(fit_config, prefit_steps=0, steps=steps, eval_every=10 ** 9, warmup=0.0)
+    return fit(manifold, data.task, data.train, None, timed, progress=False).step_seconds
+
+
+def step_cost(tree: dict, config: "RecipeBenchmarkConfig", schedule: "Schedule", seed: int, data, out: Path,
+              steps: int = 12) -> dict:
+    """A fit step of this variant against a plain step of the full model, timed back to back.
+
+    ``schedule.cost_rounds`` rounds of ``steps`` fit steps (a fresh manifold) then ``steps``
+    plain steps, in one process: whatever else runs on the machine slows both alike, so the ratio
+    holds under any load (timing a fit and the baseline hours apart did not: 18x to 63x measured).
+    """
+    rounds = schedule.cost_rounds
+    fit_config, coords, inr, smoothing = _options(tree, schedule, config, seed)
+    base = load_model(out / "individual_1.safetensors").to(config.device)
+    manifold = build_manifold(base, data.example.to(config.device), inr, coords, smoothing=smoothing, seed=seed,
+                              log=lambda *_: None).to(config.device)
+    fit_times, plain_times = [], []
+    for _ in range(rounds):
+        fit_times.append(fit_step_seconds(manifold, data, fit_config, steps))
+        plain_times.append(plain_step_seconds(config.model, data, schedule.lr, seed, config.device, steps))
+    fit_s, plain_s = statistics.median(fit_times), statistics.median(plain_times)
+    return {"fit_step_seconds": fit_s, "plain_step_seconds": plain_s, "ratio": fit_s / plain_s,
+            "how": f"{rounds} rounds of {steps} fit steps then {steps} plain steps, one process, medians"}
+
+
+@contextlib.contextmanager
+def reproducible_threads(device):
+    """One torch thread on a CPU: a base or individual model then comes out bit-identical on any
+    machine size (measured: the seed-0 base LeNet trained with 1 and with 2 threads differs), so
+    a base retrained in a fresh run folder is the one earlier results were fitted from."""
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def model_digest(file: Path) -> str:
+    """SHA-256 of a saved network's tensors (names, shapes and values), to tell two bases apart."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(load_model(file).state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _cached(path: Path) -> Optional[dict]:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _check_base(cached: dict, base_digest: str, what: str, log) -> None:
+    """A result beside a base model it was not fitted from (the base was deleted and trained again,
+    on another machine or torch): said, not hidden."""
+    kept = cached.get("base_sha256")
+    if kept is not None and kept != base_digest:
+        log(f"warning: {what} was fitted from another base model (sha256 {kept[:12]}, this one {base_digest[:12]}); "
+            "its numbers are kept, but compare them with care")
+
+
+def run_seed_baselines(config: RecipeBenchmarkConfig, schedule: Schedule, seed: int, data, out: Path,
+                       log=print, base_digest: Optional[str] = None) -> dict:
+    """Base model and individual models of one seed (numbers cached in ``out/individual.json``;
+    models already trained in ``out`` are evaluated again, not trained again)."""
+    path = out / "individual.json"
+    base_digest = base_digest or model_digest(out / "individual_1.safetensors")
+    cached = _cached(path)
+    if cached is not None:
+        if cached.get("epochs") != schedule.epochs:
+            raise ValueError(f"{path} holds individual models of {cached.get('epochs', 'unrecorded')} epochs, not "
+                             f"{schedule.epochs}: give other epochs their own --out-dir (or delete {out})")
+        _check_base(cached, base_digest, f"seed {seed}'s individual models", log)
+        if cached.get("matched_epochs") == matched_epochs(schedule, len(data.train)):
+            return cached
+    test, val = _individual_models(config, schedule.epochs, schedule.lr, seed, data, out, log)
+    result = {"test": test, "val": val, "base_sha256": base_digest, "epochs": schedule.epochs,
+              "plain_step_seconds": plain_step_seconds(config.model, data, schedule.lr, seed, config.device)}
+    epochs = matched_epochs(schedule, len(data.train))
+    test, val = _individual_models(config, epochs, schedule.lr, seed, data, out, log, suffix=f"_e{epochs}")
+    result.update(test_matched=test, val_matched=val, matched_epochs=epochs)
+    _write_json(path, result)
+    return result
+
+
+def _individual_models(config: RecipeBenchmarkConfig, epochs: int, lr: float, seed: int, data, out: Path,
+                       log=print, suffix: str = "") -> tuple:
+    """(test, validation) accuracy of an individual model at every benchmark width, trained for
+    ``epochs`` (same seed, best epoch on validation) or read from ``out/individual_<width><suffix>``."""
+    test, val, probe = {}, {}, None
+    label = f", {epochs} epochs" if suffix else ""
+    for width in WIDTHS:
+        file = out / f"individual_{width:g}{suffix}.safetensors"
+        if file.exists():
+            model = load_model(file)
+        else:
+            kwargs = {}
+            if width != 1.0:
+                if probe is None:  # the channel counts a sampled network of this width has
+                    probe = WidthSpace(fold_batchnorm(load_model(out / "individual_1.safetensors")), data.example)
+                kwargs = width_kwargs(config.model, probe.resolve(width))
+            with reproducible_threads(config.device):
+                model = train_base(config.model, data, epochs, lr, seed, config.device, progress=True,
+                                   desc=f"individual {width:g} seed {seed}{label}", keep_best=True, **kwargs)
+            save_model(model, file)
+        model.to(config.device)
+        test[str(width)] = data.task.evaluate(model, data.test, config.device)[data.task.metric]
+        val[str(width)] = data.task.evaluate(model, data.val, config.device)[data.task.metric]
+        log(f"seed {seed}: individual width {width:g}{label}: test {100 * test[str(width)]:.2f} %")
+    return test, val
+
+
+def run_variant(name: str, tree: dict, config: RecipeBenchmarkConfig, schedule: Schedule, seed: int, data,
+                out: Path, log=print, base_digest: Optional[str] = None) -> dict:
+    """Fit one variant from the seed's base model and evaluate it (cached in ``out``)."""
+    folder = out / name.replace(" ", "").replace(",", "_").replace("=", "-")
+    path = folder / "result.json"
+    base_digest = base_digest or model_digest(out / "individual_1.safetensors")
+    fit_config, coords, inr, smoothing = _options(tree, schedule, config, seed)
+    options = {"fit": dataclasses.asdict(fit_config), "coords": dataclasses.asdict(coords), "smooth": smoothing,
+               "inr": dataclasses.asdict(inr), "sampling": SAMPLING, "calibration": CALIBRATION}
+    cached = _cached(path)
+    if cached is not None:
+        if json.loads(json.dumps(options)) != cached.get("options"):
+            raise ValueError(f"{path} was fitted or measured with other options than variant {name!r} has now "
+                               f"(the defaults changed?); delete {folder} to fit it again")
+        _check_base(cached, base_digest, f"seed {seed} of {name!r}", log)
+        return cached
+    folder.mkdir(parents=True, exist_ok=True)
+    log(f"seed {seed}: fitting {name!r}")
+    result = {"variant": name, "seed": seed, "options": options, "init": "torch.manual_seed(seed) before the INR",
+              "device": device_name(config.device), "date": time.strftime("%Y-%m-%d"), "base_sha256": base_digest}
+    try:
+        fitted = _fitted(tree, config, schedule, seed, data, out, folder, log)
+    except DivergenceError as err:  # recorded as a collapse; the benchmark goes on
+        result.update(diverged=str(err), rollbacks=err.rollbacks, test={}, val={}, curve={})
+        _write_json(path, result)
+        return result
+    manifold = fitted.manifold
+    space = manifold.space
+    smallest = min(space.full, key=space.full.get)
+    result.update(best_step=fitted.best_step, rollbacks=fitted.rollbacks, step_seconds=fitted.step_seconds,
+                  history=fitted.history, smallest_group=smallest, smallest_size=space.full[smallest],
+                  learned=fitted.learned, warnings=fitted.warnings)
+    test, val = _evaluate(manifold, data, schedule, seed, config.device)
+    result["test_calibrated"], result["val_calibrated"] = _evaluate(manifold, data, schedule, seed, config.device,
+                                                                    calibrated=True)
+    result["test_whole_cell"] = _evaluate_whole_cell(manifold, data, schedule, seed, config)
+    result.update(test=test, val=val, curve=_curve(manifold, data, schedule, seed, config.device),
+                  curve_calibrated=_curve(manifold, data, schedule, seed, config.device, calibrated=True))
+    result["step_cost"] = step_cost(tree, config, schedule, seed, data, out)
+    log(f"seed {seed}: {name}: " + ", ".join(f"{float(w):g}: {100 * a:.2f}" for w, a in test.items()))
+    _write_json(path, result)
+    return result
+
+
+def _fitted(tree: dict, config: RecipeBenchmarkConfig, schedule: Schedule, seed: int, data, out: Path,
+            folder: Path, log=print):
+    """The variant's fit (``FitResult``), run or resumed from ``folder/fit.ckpt`` (a finished one
+    returns at once). A fit that never left chance is returned (``learned`` False) and counted as
+    collapsed; its warning is in the result, not on the terminal."""
+    fit_config, coords, inr, smoothing = _options(tree, schedule, config, seed)
+    base = load_model(out / "individual_1.safetensors").to(config.device)
+    # the INR's initialisation draws from torch's global generator: seed it here, or it depends on
+    # whatever ran before in this process (e.g. whether the individual models were cached)
+    torch.manual_seed(seed)
+    manifold = build_manifold(base, data.example.to(config.device), inr, coords, smoothing=smoothing,
+                              seed=seed, log=log).to(config.device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NeverLearnedWarning)
+        return fit(manifold, data.task, data.train, data.val, fit_config, checkpoint=str(folder / "fit.ckpt"),
+                   resume=True)
+
+
+def _calibration(manifold, data, samples: int, seed: int) -> dict:
+    """``sample``'s calibration argument for many widths: the full width measured once on the
+    first training batches (epoch 0 order)."""
+    inputs = calibration_inputs(data.train, CALIBRATION_BATCHES)
+    return {"calibration": manifold.calibration_reference(inputs, samples, seed, CALIBRATION_BATCHES)}
+
+
+def _curve(manifold, data, schedule: Schedule, seed: int, device, calibrated: bool = False) -> Dict[str, float]:
+    """Test accuracy at every channel count of the smallest group, the others at the same fraction."""
+    space = manifold.space
+    smallest = min(space.full, key=space.full.get)
+    calibration = _calibration(manifold, data, schedule.curve_samples, seed) if calibrated else {}
+    curve = {}
+    for channels in range(1, space.full[smallest] + 1):
+        net = manifold.sample(channels / space.full[smallest], samples=schedule.curve_samples, seed=seed,
+                              **calibration).to(device)
+        curve[str(channels)] = data.task.evaluate(net, data.test, device)[data.task.metric]
+    return curve
+
+
+def _evaluate(manifold, data, schedule: Schedule, seed: int, device, calibrated: bool = False):
+    """(test, validation) accuracy at every benchmark width, K = ``schedule.samples``; with
+    ``calibrated``, each network's statistics calibrated on the first training batches."""
+    test, val = {}, {}
+    calibration = _calibration(manifold, data, schedule.samples, seed) if calibrated else {}
+    for width in WIDTHS:
+        net = manifold.sample(width, samples=schedule.samples, seed=seed, **calibration).to(device)
+        test[str(width)] = data.task.evaluate(net, data.test, device)[data.task.metric]
+        val[str(width)] = data.task.evaluate(net, data.val, device)[data.task.metric]
+    return test, val
+
+
+def _evaluate_whole_cell(manifold, data, schedule: Schedule, seed: int, config) -> Dict[str, float]:
+    """Test accuracy at the unseen narrower widths with noise over each one's whole cell."""
+    kept, manifold.noise_counts = manifold.noise_counts, None
+    try:
+        return {str(w): data.task.evaluate(manifold.sample(w, samples=schedule.samples, seed=seed).to(config.device),
+                                           data.test, config.device)[data.task.metric]
+                for w in WIDTHS if w < config.min_width}
+    finally:
+        manifold.noise_counts = kept
+
+
+def _cell(values: List[float]) -> str:
+    if not values:
+        return "–"
+    mean = 100 * statistics.mean(values)
+    if len(values) == 1:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ({100 * min(values):.1f}–{100 * max(values):.1f})"
+
+
+def device_name(device) -> str:
+    """What produced a number: the GPU's name, or the CPU and its torch threads."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    import platform
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s)"
+
+
+def _schedule_name(schedule: Schedule) -> str:
+    return "quick" if schedule == QUICK else "full" if schedule == Schedule() else "custom"
+
+
+def _two_tables(results: Dict[str, List[dict]], baselines: List[dict], config: RecipeBenchmarkConfig,
+                ablation_seeds: tuple, chance: float, device: str, schedule: Schedule, stem: Path) -> str:
+    """The paper preset and the default over every seed (with the targets, plot ``stem.png``), then
+    every variant on the ablation seeds against those seeds' default and individual models (plot
+    ``stem-ablation.png``): a row is only ever compared with rows of the same seeds."""
+    main = {name: runs for name, runs in results.items() if name in MAIN_VARIANTS}
+    few = dataclasses.replace(config, seeds=ablation_seeds)
+    ablation = {name: [r for r in runs if r["seed"] in ablation_seeds] for name, runs in results.items()}
+    few_baselines = [b for b in baselines if b["seed"] in ablation_seeds]
+    parts = []
+    if main:
+        parts.append(summarise(main, baselines, config, chance, device, schedule))
+        plot(main, baselines, config, stem.with_suffix(".png"))
+    seeds = ", ".join(str(s) for s in ablation_seeds)
+    parts.append(f"The ablation and candidates, seed(s) {seeds}: every variant against the same seeds' "
+                 "default and individual models (targets are judged on every seed, above).\n\n"
+                 + summarise(ablation, few_baselines, few, chance, device, schedule, with_targets=False))
+    plot(ablation, few_baselines, few, stem.parent / f"{stem.name}-ablation.png")
+    return "\n\n".join(parts)
+
+
+def summarise(results: Dict[str, List[dict]], baselines: List[dict], config: RecipeBenchmarkConfig,
+              chance: float, device: str, schedule: Schedule, with_targets: bool = True) -> str:
+    """The markdown table (mean and min–max over seeds) and the default's targets."""
+    unseen = [w for w in WIDTHS if w < config.min_width]
+    head = " | ".join(f"γ {100 * (1 - w):g} %" + (" (unseen)" if w in unseen else "") for w in WIDTHS)
+    lines = [f"Recipe benchmark, {config.model} / Fashion-MNIST test split, {len(config.seeds)} seed(s) "
+             f"{list(config.seeds)}, {_schedule_name(schedule)} schedule "
+             f"({_epochs(schedule.epochs)} per individual model; fit {schedule.prefit_steps} pre-fit + "
+             f"{schedule.steps} joint steps, K = {schedule.samples}), trained range γ ∈ [0, {1 - config.min_width:g}], "
+             f"table written {time.strftime('%Y-%m-%d')}, fits run on: {device}. Accuracy %, mean (min–max over seeds); "
+             "checkpoints chosen on the validation split; K noisy draws per weight, never jittered wider than "
+             "training jittered (WeightManifold.noise_counts). Step time: a fit step against a plain step of the "
+             "full model, timed back to back in one process (step_cost).", "",
+             f"| variant | {head} | step time (× plain step) | collapsed seeds | rollbacks |",
+             "|---|" + "---|" * (len(WIDTHS) + 3)]
+    lines.append(f"| individual models ({_epochs(schedule.epochs)}, the base's) | "
+                 + " | ".join(_cell([b["test"][str(w)] for b in baselines]) for w in WIDTHS) + " | 1 | – | – |")
+    matched = _matched_baselines(baselines)
+    if matched:
+        lines.append(f"| individual models ({_epochs(matched[0]['matched_epochs'])}: the manifold's data) | "
+                     + " | ".join(_cell([b["test"][str(w)] for b in matched]) for w in WIDTHS) + " | 1 | – | – |")
+    for name, runs in results.items():
+        cells = [_cell([r["test"][str(w)] for r in runs if r.get("test")]) for w in WIDTHS]
+        collapsed = sum(1 for r in runs if _collapsed(r, chance, config.min_width))
+        costs = [r["step_cost"]["ratio"] for r in runs if "step_cost" in r]
+        ratio = f"{statistics.mean(costs):.1f}" if costs else "–"
+        rollbacks = sum(len(r.get("rollbacks", [])) for r in runs)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {ratio} | {collapsed}/{len(runs)} | {rollbacks} |")
+        whole = [r for r in runs if r.get("test_whole_cell")]
+        if whole and len(whole) == len(runs):
+            cells = [_cell([r["test_whole_cell"].get(str(w), r["test"][str(w)]) for r in runs]) for w in WIDTHS]
+            lines.append(f"| {name}, unseen widths sampled over their whole cell (same fits) | " + " | ".join(cells)
+                         + " | – | – | – |")
+        calibrated = _calibrated_runs(runs)
+        if calibrated:
+            cells = [_cell([r["test"][str(w)] for r in calibrated]) for w in WIDTHS]
+            lines.append(f"| {name}, {CALIBRATED} (same fits) | " + " | ".join(cells) + " | – | – | – |")
+    if "default" in results and with_targets:
+        lines += ["", targets(results["default"], baselines, chance, config.min_width)]
+        calibrated = _calibrated_runs(results["default"])
+        if calibrated:
+            lines += ["", targets(calibrated, baselines, chance, config.min_width).replace(
+                "the default recipe", f"the default recipe, {CALIBRATED}")]
+        if matched:
+            against = f"against individual models given the manifold's data ({_epochs(matched[0]['matched_epochs'])})"
+            lines += ["", targets(results["default"], matched, chance, config.min_width).replace(
+                "the default recipe", f"the default recipe {against}")]
+            if calibrated:
+                lines += ["", targets(calibrated, matched, chance, config.min_width).replace(
+                    "the default recipe", f"the default recipe, {CALIBRATED}, {against}")]
+    return "\n".join(lines)
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch" + ("" if n == 1 else "s")
+
+
+def _matched_baselines(baselines: List[dict]) -> List[dict]:
+    """The baselines with their data-matched models' numbers as ``test`` (empty unless all have them)."""
+    if not baselines or not all(b.get("test_matched") for b in baselines):
+        return []
+    return [dict(b, test=b["test_matched"], val=b["val_matched"]) for b in baselines]
+
+
+CALIBRATED = "sampled with statistics calibration"
+
+
+def _calibrated_runs(runs: List[dict]) -> List[dict]:
+    """The runs with their calibrated numbers as ``test`` (empty unless every run has them)."""
+    if not runs or not all(r.get("test_calibrated") for r in runs):
+        return []
+    return [dict(r, test=r["test_calibrated"], val=r["val_calibrated"]) for r in runs]
+
+
+def _collapsed(run: dict, chance: float, min_width: float) -> bool:
+    """Diverged, never left chance on validation, or at chance on test at a trained width."""
+    if "diverged" in run or run.get("learned") is False:
+        return True
+    margin = FitConfig().collapse_margin  # the divergence guard's own definition of "at chance"
+    return any(is_collapsed(run["test"][str(w)], chance, margin) for w in WIDTHS if w >= min_width)
+
+
+def targets(runs: List[dict], baselines: List[dict], chance: float, min_width: float) -> str:
+    """Issue 7's targets for the default recipe, each said plainly as met or missed."""
+    def mean(key, rows):
+        return statistics.mean(r["test"][key] for r in rows)
+    ok = [r for r in runs if r.get("test")]
+    if len(ok) != len(runs) or not ok:
+        return "Targets: a seed of the default diverged — not met."
+    by_seed = {b.get("seed"): b for b in baselines}
+
+    tie = 1e-9  # a gap of exactly the margin meets it, whatever the float rounding
+
+    def gap(key):  # mean over seeds minus the individual models' mean, in points
+        return 100 * (mean(key, ok) - mean(key, baselines))
+    per_seed = [100 * (r["test"]["0.25"] - by_seed.get(r["seed"], baselines[0])["test"]["0.25"]) for r in ok]
+    collapsed = sum(_collapsed(r, chance, min_width) for r in runs)
+    checks = [
+        ("no seed collapses", collapsed == 0, f"{collapsed}/{len(runs)}"),
+        ("γ 25 % mean ≥ individual", gap("0.75") >= -tie, f"{gap('0.75'):+.2f}"),
+        ("γ 50 % mean ≥ individual", gap("0.5") >= -tie, f"{gap('0.5'):+.2f}"),
+        ("γ 0 % within 0.5 points of individual", gap("1.0") >= -0.5 - tie, f"{gap('1.0'):+.2f}"),
+        ("γ 75 % (unseen): every seed within 1.0 point of its individual model", all(d >= -1.0 - tie for d in per_seed),
+         ", ".join(f"{d:+.2f}" for d in per_seed)),
+    ]
+    return "Targets for the default recipe: " + "; ".join(f"{what}: {'met' if good else 'missed'} ({how})"
+                                                          for what, good, how in checks) + "."
+
+
+def plot(results: Dict[str, List[dict]], baselines: List[dict], config: RecipeBenchmarkConfig, path: Path) -> None:
+    """Accuracy against the smallest group's channel count, the unseen (narrower) region shaded."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    size = None
+    for name, runs in results.items():
+        runs = [r for r in runs if r.get("curve")]
+        if not runs:
+            continue
+        size = runs[0]["smallest_size"]
+        xs = list(range(1, size + 1))
+        ys = [100 * statistics.mean(r["curve"][str(c)] for r in runs) for c in xs]
+        style = dict(linewidth=2.5, color="black") if name == "default" else dict(linewidth=1, alpha=0.8)
+        ax.plot(xs, ys, label=name, **style)
+        if name == "default" and all(r.get("curve_calibrated") for r in runs):
+            ys = [100 * statistics.mean(r["curve_calibrated"][str(c)] for r in runs) for c in xs]
+            ax.plot(xs, ys, "--", label=f"default, {CALIBRATED}", linewidth=2.5, color="black")
+    if size:
+        ax.axvspan(0.5, config.min_width * size - 0.5, color="grey", alpha=0.15, label="unseen in training")
+        xs = [w * size for w in WIDTHS]
+        ys = [100 * statistics.mean(b["test"][str(w)] for b in baselines) for w in WIDTHS]
+        ax.plot(xs, ys, "o", color="red", markersize=7, label="individual models (the base's epochs)")
+        matched = _matched_baselines(baselines)
+        if matched:
+            ys = [100 * statistics.mean(b["test"][str(w)] for b in matched) for w in WIDTHS]
+            ax.plot(xs, ys, "s", color="red", markerfacecolor="none", markersize=8,
+                    label=f"individual models ({_epochs(matched[0]['matched_epochs'])}: the manifold's data)")
+        group = next(r for runs in results.values() for r in runs if r.get("curve"))["smallest_group"]
+        ax.set_xlabel(f"channels of the smallest group ({group}); other groups at the same fraction")
+    ax.set_ylabel("test accuracy %")
+    ax.set_ylim(bottom=max(0, ax.get_ylim()[0]))
+    if size:  # nothing was evaluated (every run lacks a curve): an empty plot, no empty legend
+        ax.legend(fontsize=7, loc="lower right")
+    else:
+        ax.text(0.5, 0.5, "no width curves in these results", ha="center", transform=ax.transAxes)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_trajectory(runs: List[dict], min_width: float, path: Path, title: str = "default") -> bool:
+    """Validation accuracy along training at every validated width, one line per seed: shows how
+    far the unseen widths move between evaluations (what checkpoint selection has to choose from)."""
+    runs = [r for r in runs if r.get("history")]
+    if not runs:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = [k for k in runs[0]["history"][0] if k != "step"]
+    widths = sorted({float(k.rsplit("@", 1)[1]) for k in keys}, reverse=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", "--", ":", "-."]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, width in enumerate(widths):
+        key = next(k for k in keys if float(k.rsplit("@", 1)[1]) == width)
+        for j, run in enumerate(runs):
+            steps = [row["step"] for row in run["history"] if key in row]
+            values = [100 * row[key] for row in run["history"] if key in row]
+            label = f"width {width:g}" + (" (unseen)" if width < min_width else "") if j == 0 else None
+            ax.plot(steps, values, styles[j % len(styles)], color=colours[i % len(colours)], label=label)
+    ax.set_xlabel("step (pre-fit included); line style: seed " + ", ".join(str(r["seed"]) for r in runs))
+    ax.set_ylabel("validation accuracy %")
+    ax.set_ylim(bottom=60)  # right after the pre-fit the narrow widths are near chance: off the plot
+    ax.set_title(f"{title}: validation accuracy along training")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def run(config: RecipeBenchmarkConfig, log=print, schedule: Optional[Schedule] = None) -> str:
+    """Run (or resume) every chosen variant for every seed; write and return the table."""
+    standard = _standard_schedule(config)
+    schedule = schedule or standard
+    for key, least in (("epochs", 1), ("prefit_steps", 0), ("steps", 1)):
+        value = getattr(config, key)
+        if value is not None:
+            if value < least:
+                raise ValueError(f"recipe benchmark: {key} must be >= {least}, not {value}")
+            schedule = dataclasses.replace(schedule, **{key: value})
+    all_variants = variants()
+    candidates = {_switched(key, value) for _, key, value in candidate_flips()}
+    chosen = list(config.variants) or [v for v in all_variants if v not in candidates]
+    unknown = [v for v in chosen if v not in all_variants]
+    if unknown:
+        raise KeyError(f"unknown variant(s) {unknown}; available: {list(all_variants)}")
+    ablation_seeds = None if config.ablation_seeds is None else tuple(config.ablation_seeds)
+    if ablation_seeds is not None:
+        stray = [s for s in ablation_seeds if s not in config.seeds]
+        if stray or not ablation_seeds:
+            raise ValueError(f"ablation seeds {list(ablation_seeds)} must be some of the seeds "
+                             f"{list(config.seeds)} (not among them: {stray})")
+        if set(ablation_seeds) == set(config.seeds):
+            ablation_seeds = None  # every variant on every seed: one table
+    tag = "recipe-quick" if config.quick else "recipe"
+    # a schedule changed from the command line (other base models, other fits): its own run folder,
+    # and its table there too unless --results names one
+    changed = ""
+    for key, letter in (("epochs", "e"), ("prefit_steps", "p"), ("steps", "s")):
+        value = getattr(config, key)
+        if value is not None and value != getattr(standard, key):
+            changed += f"-{letter}{value}"
+    out_root = Path(config.out_dir or f"runs/{tag}{changed}")
+    results_stem = Path(config.results or (out_root / "recipe" if changed else f"benchmarks/results/{tag}"))
+    results_stem.parent.mkdir(parents=True, exist_ok=True)
+    results: Dict[str, List[dict]] = {name: [] for name in chosen}
+    baselines = []
+    chance = None
+    for seed in config.seeds:
+        out = out_root / f"seed{seed}"
+        out.mkdir(parents=True, exist_ok=True)
+        data = load_data(config.data, seed)
+        chance = data.task.chance
+        if not (out / "individual_1.safetensors").exists():
+            with reproducible_threads(config.device):
+                base = train_base(config.model, data, schedule.epochs, schedule.lr, seed, config.device,
+                                  desc=f"base seed {seed}", keep_best=True)
+            save_model(base, out / "individual_1.safetensors")
+        digest = model_digest(out / "individual_1.safetensors")  # every result of this seed is checked against it
+        baseline = run_seed_baselines(config, schedule, seed, data, out, log, digest)
+        baselines.append(dict(baseline, seed=seed))
+        for name in chosen:
+            if ablation_seeds is not None and name not in MAIN_VARIANTS and seed not in ablation_seeds:
+                continue
+            results[name].append(run_variant(name, all_variants[name], config, schedule, seed, data, out, log,
+                                             digest))
+    fitted_on = sorted({r.get("device", "not recorded") for runs in results.values() for r in runs})
+    device = "; ".join(fitted_on) or device_name(config.device)
+    if ablation_seeds is None:
+        table = summarise(results, baselines, config, chance, device, schedule)
+        plot(results, baselines, config, results_stem.with_suffix(".png"))
+    else:
+        table = _two_tables(results, baselines, config, ablation_seeds, chance, device, schedule, results_stem)
+    atomic_write(results_stem.with_suffix(".md"), lambda tmp: Path(tmp).write_text(table + "\n"))
+    _write_json(results_stem.with_suffix(".json"), {"results": results, "baselines": baselines,
+                                                   "config": dataclasses.asdict(config), "device": device})
+    if "default" in results:
+        plot_trajectory(results["default"], config.min_width,
+                        results_stem.parent / f"{results_stem.name}-trajectory.png")
+    log(table)
+    log(f"wrote {results_stem.with_suffix('.md')}, .json and .png")
+    return table

@@ -1,1 +1,0 @@
-"""Benchmarks and analyses that are also reachable from the CLI."""

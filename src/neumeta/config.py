@@ -1,0 +1,235 @@
+"""Options from dataclasses: command-line flags, their help, and YAML files.
+
+Every option is a field of a config dataclass (nested ones, like ``fit: FitConfig``, keep their
+nesting). ``add_options`` makes a flag of each; ``load_config`` builds the config from the
+defaults, then a YAML file, then the flags. One YAML file serves every command: a key that is an
+option of any of the commands named is accepted (and ignored by those without it), a key that
+none has is an error naming it and its path in the file (``fit.stepz``).
+"""
+from __future__ import annotations
+
+import argparse
+import collections.abc
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import yaml
+
+from .recipes import RECIPES, merge_recipe
+
+HELP = {
+    # data
+    "dataset": "dataset name (fashion-mnist)",
+    "data_dir": "folder with the dataset files (default: $NEUMETA_DATA_DIR, the Debian package's folder, "
+                "~/.cache/neumeta, then download)",
+    "val_size": "training images held out for validation (model selection); the test split is only for final tables",
+    "batch_size": "training batch size",
+    "eval_batch_size": "batch size when evaluating",
+    "train_size": "use only the first N training images (smoke runs; default: all)",
+    "eval_size": "use only the first N validation and test images (smoke runs; default: all)",
+    # base / individual training
+    "model": "registry name of the network (see `neumeta list-models`); for smooth also a model file",
+    "epochs": "training epochs of the base model and of each individual baseline",
+    "lr": "Adam learning rate of plain training (base model, individual baselines)",
+    "seed": "random seed (data order, initialisation, width sampling)",
+    "device": "torch device: cpu, cuda, cuda:1, ...",
+    "out": "output file",
+    "out_dir": "run folder: every artefact goes here; rerunning resumes from what is there",
+    # fit
+    "steps": "joint training steps of the manifold, after the pre-fit",
+    "prefit_steps": "reconstruction-only steps before joint training",
+    "fit_lr": "Adam learning rate of the INR",
+    "warmup": "fraction of the joint steps with a linear learning-rate warm-up",
+    "min_width": "narrowest width multiplier seen in training (0.5 = compression 50 %)",
+    "max_width": "widest width multiplier seen in training",
+    "per_group": "draw each channel group's width independently (else one multiplier for all)",
+    "recon_weight": "lambda_1: weight of the reconstruction loss (see docs for the exact formula)",
+    "recon_rows": "fraction of full-width weight rows used to estimate the reconstruction loss each step",
+    "recon_noise": "jitter the coordinates in the reconstruction loss too",
+    "l2_weight": "lambda_2: weight of the squared L2 norm of the generated weights",
+    "inplace_distill": "in-place distillation: the full width learns the labels, the sampled width its outputs",
+    "sandwich": "sandwich rule: the narrowest width of the range is also trained every step",
+    "original_distill": "the reference (pre-trained) network's outputs also teach every trained width (KD)",
+    "recon_reduction": "reconstruction loss per tensor: mean over elements, or sum (the paper's squared norms)",
+    "guard": "divergence guard: roll back to the last good checkpoint on NaN/inf or a collapse to chance",
+    "guard_retries": "rollbacks before fit stops with an error",
+    "guard_lr_factor": "learning-rate multiplier at each rollback",
+    "collapse_margin": "a width counts as collapsed at metric <= chance + margin * (1 - chance)",
+    "recipe": "named recipe under the other options: default (chosen on validation) or paper (as published)",
+    "ema": "decay of the exponential moving average of the INR used for evaluation",
+    "grad_clip": "clip the INR's gradient norm to this (0 = off)",
+    "eval_every": "validate (and checkpoint) every this many steps",
+    "eval_widths": "width multipliers validated during fit; their mean accuracy selects the checkpoint",
+    "select_widths": "widths whose mean validation accuracy selects the checkpoint instead (also validated)",
+    "eval_samples": "noisy coordinate draws averaged per validation (1 = noise-free centres)",
+    # coords / inr
+    "size_terms": "add the paper's size coordinates L/N, C_in/N, C_out/N",
+    "positions": "channel positions: center = (j+1/2)/C, index = j/C (paper)",
+    "noise": "coordinate noise half-width, in channel cells (0.5 = the whole cell)",
+    "hidden": "INR hidden width",
+    "depth": "INR linear layers per block",
+    "frequencies": "Fourier feature frequencies",
+    # commands
+    "base": "the trained full-width model (written by `neumeta train-base`)",
+    "checkpoint": "training checkpoint (written atomically at every validation; default: OUT.ckpt)",
+    "resume": "continue from the checkpoint if it exists",
+    "manifold": "a manifold file written by `neumeta fit`",
+    "width": "a width multiplier (0.5), or exact channels/multipliers per group (conv1=8,fc1=0.5)",
+    "widths": "width multipliers to evaluate",
+    "samples": "noisy coordinate draws averaged per weight (the paper's K)",
+    "curve_samples": "noisy draws per weight (K) for the accuracy-against-width curve of demo.png (0 = no curve)",
+    "calibrate": "training batches (unlabelled) that calibrate each sampled network's activation statistics "
+                 "to the full width's (neumeta.calibrate; 0 = off): several points at unseen narrow widths",
+    "smooth": "reorder channels by the TSP smoothing permutation before fitting (same function, smoother weights)",
+    "split": "which split to evaluate: val or test",
+    "input_shape": "shape of one input (without the batch), for tracing",
+}
+RENAME = {("fit", "lr"): "fit_lr"}  # flags that would clash with a top-level option
+SKIP = {("fit", "seed")}  # no flag: the command's own --seed sets it
+
+
+def option_leaves(cls, path: Tuple[str, ...] = ()) -> List[Tuple[Tuple[str, ...], dataclasses.Field, Any]]:
+    """(path, field, type) of every option of ``cls`` that gets a flag, nested dataclasses unfolded."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += option_leaves(hints[f.name], path + (f.name,))
+        elif path[-1:] + (f.name,) not in SKIP:
+            out.append((path + (f.name,), f, hints[f.name]))
+    return out
+
+
+def flag_name(path: Tuple[str, ...]) -> str:
+    """The flag of an option (without ``--``, underscores kept): its own name, unless renamed."""
+    return RENAME.get(path[-2:], path[-1]) if len(path) > 1 else path[-1]
+
+
+def add_options(parser: argparse.ArgumentParser, cls, help_texts: Mapping[str, str] = HELP) -> None:
+    """``--config`` and a flag for every option of ``cls``; a flag's destination is the option's path."""
+    parser.add_argument("--config", metavar="YAML", help="YAML file of options (same names, same nesting)")
+    for path, f, hint in option_leaves(cls):
+        name = flag_name(path)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kwargs: Dict[str, Any] = dict(dest=".".join(path), default=argparse.SUPPRESS, metavar=name.upper(),
+                                      help=f"{help_texts.get(name, '')} (default: {default})".replace("%", "%%"))
+        if typing.get_origin(hint) is typing.Union:  # Optional[X]: the flag takes an X
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        origin = typing.get_origin(hint)
+        args = typing.get_args(hint)
+        if hint is bool:
+            kwargs.update(action=argparse.BooleanOptionalAction, metavar=None)
+        elif origin in (list, tuple, collections.abc.Sequence):
+            kwargs.update(nargs="+", type=args[0] if args and args[0] is not Ellipsis else float)
+        else:
+            kwargs["type"] = hint
+        parser.add_argument("--" + name.replace("_", "-"), **kwargs)
+
+
+def option_tree(classes: Sequence[type]) -> Dict[str, Optional[dict]]:
+    """Every option any of ``classes`` has, nested as in a YAML file: name -> the tree of a nested
+    dataclass, or None for a value."""
+    tree: Dict[str, Optional[dict]] = {}
+    nested: Dict[str, list] = {}
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                nested.setdefault(f.name, []).append(hints[f.name])
+            else:
+                tree.setdefault(f.name, None)
+    for name, inner in nested.items():
+        tree[name] = option_tree(inner)
+    return tree
+
+
+def check_options(values: Mapping, tree: Mapping, where: str, path: Tuple[str, ...] = ()) -> None:
+    """Refuse a key of ``values`` that ``tree`` (``option_tree``) lacks, naming its path: a typo."""
+    for key, value in values.items():
+        here = path + (str(key),)
+        if key not in tree:
+            under = f"under {'.'.join(path)}" if path else "at the top level"
+            raise SystemExit(f"error: unknown option {'.'.join(here)} in {where}: no command has it; "
+                             f"known {under}: {', '.join(sorted(tree))}")
+        if isinstance(value, Mapping) and isinstance(tree[key], dict):
+            check_options(value, tree[key], where, here)
+
+
+def own_options(cls, values: Mapping) -> dict:
+    """The part of ``values`` that are options of ``cls`` (a file written for several commands)."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            value = values[f.name]
+            nested = dataclasses.is_dataclass(hints[f.name]) and isinstance(value, Mapping)
+            out[f.name] = own_options(hints[f.name], value) if nested else value
+    return out
+
+
+def build_config(cls, values: Mapping, where: str = "options"):
+    """``cls`` from a tree of option values (lists become tuples); an unknown or invalid one is an error."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise SystemExit(f"error: unknown option(s) {', '.join(sorted(unknown))} in {where}; "
+                         f"known: {', '.join(sorted(names))}")
+    kwargs = {}
+    for key, value in values.items():
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, Mapping):
+                raise SystemExit(f"error: {where}.{key} must be a mapping of options")
+            kwargs[key] = build_config(hints[key], value, f"{where}.{key}")
+        else:
+            kwargs[key] = tuple(value) if isinstance(value, list) else value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"error: invalid options in {where}: {err}")
+
+
+def read_config_file(path) -> dict:
+    """The mapping of options in a YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"error: config file {path} not found")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise SystemExit(f"error: {path} must hold a mapping of options")
+    return loaded
+
+
+def _set(tree: dict, path: Sequence[str], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def load_config(cls, args: argparse.Namespace, commands: Sequence[type] = ()):
+    """``cls`` from its defaults, then the YAML file ``args.config``, then the flags in ``args``
+    (destinations are option paths, as ``add_options`` makes them).
+
+    The file may hold the options of ``cls`` and of any of ``commands`` (the config classes of the
+    other commands that read the same file); ``cls`` ignores those it lacks, and a key that none of
+    them has is an error. A named ``recipe`` sits under both file and flags.
+    """
+    values: dict = {}
+    file = getattr(args, "config", None)
+    if file:
+        loaded = read_config_file(file)
+        check_options(loaded, option_tree([cls, *commands]), file)
+        values = own_options(cls, loaded)
+    for dest, value in vars(args).items():
+        if dest not in ("config", "command", "func", "cls"):
+            _set(values, dest.split("."), value)
+    if "recipe" in {f.name for f in dataclasses.fields(cls)}:
+        if values.get("recipe", "default") not in RECIPES:
+            raise SystemExit(f"error: unknown recipe {values['recipe']!r}; available: {', '.join(RECIPES)}")
+        values = merge_recipe(values)  # the recipe, then the YAML file, then flags
+    config = build_config(cls, values, file or "options")
+    if hasattr(config, "fit") and hasattr(config, "seed"):
+        config.fit.seed = config.seed
+    return config

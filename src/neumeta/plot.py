@@ -1,0 +1,45 @@
+"""The picture people look at first: accuracy against width, a manifold beside individual models.
+
+matplotlib is optional (``pip install neumeta[plot]``); it is imported only when a plot is drawn.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Optional
+
+
+def plot_width_curve(curve: Mapping[float, float], path, individual: Optional[Mapping[float, float]] = None,
+                     trained: tuple = (0.5, 1.0), metric: str = "test accuracy %", title: str = "") -> Path:
+    """Line: the manifold's metric at every width of ``curve`` ({width: value in [0, 1]}); dots:
+    individually trained models; shaded: the widths outside the ``trained`` range (never seen)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    widths = sorted(curve)
+    ax.plot(widths, [100 * curve[w] for w in widths], "-", color="black", linewidth=2.2, marker=".",
+            label="NeuMeta: one manifold, sampled at each width")
+    if individual:
+        xs = sorted(individual)
+        ax.plot(xs, [100 * individual[w] for w in xs], "o", color="tab:red", markersize=8,
+                label="individual models, one trained per width")
+    lo, hi = min(widths + list(individual or ())), max(widths + list(individual or ()))
+    pad = 0.02
+    if lo < trained[0]:
+        ax.axvspan(lo - pad, trained[0], color="grey", alpha=0.18, label="widths never seen in training")
+    if hi > trained[1]:
+        ax.axvspan(trained[1], hi + pad, color="grey", alpha=0.18)
+    ax.set_xlim(lo - pad, hi + pad)
+    ax.set_xlabel("width (multiplier of every group's channels; compression γ = 1 − width)")
+    ax.set_ylabel(metric)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

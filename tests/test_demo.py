@@ -1,0 +1,49 @@
+"""`make demo`'s pipeline at a tiny size: every artefact written, the table and the plot complete."""
+import json
+
+import pytest
+
+from neumeta.data.fashion_mnist import find_fashion_mnist
+from neumeta.experiment import DataConfig, DemoConfig, run_demo
+from neumeta.inr import INRConfig
+from neumeta.train import FitConfig
+
+
+def _have_data() -> bool:
+    try:
+        find_fashion_mnist(download=False)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _have_data(), reason="needs Fashion-MNIST (`make test` gets it)")
+
+
+def test_tiny_demo_writes_table_json_and_plot(tmp_path):
+    config = DemoConfig(
+        epochs=1, samples=2, calibrate=2, curve_samples=1, out_dir=str(tmp_path / "demo"),
+        data=DataConfig(train_size=512, eval_size=300, batch_size=64, eval_batch_size=300),
+        fit=FitConfig(prefit_steps=10, steps=10, eval_every=10, guard=False),
+        inr=INRConfig(hidden=16, depth=2, frequencies=2),
+    )
+    lines = []
+    summary = run_demo(config, progress=False, log=lines.append)
+
+    out = tmp_path / "demo"
+    assert [r["width"] for r in summary["rows"]] == [1.0, 0.75, 0.5, 0.25]
+    assert summary["rows"][-1]["trained_range"] is False  # 0.25 is below the trained 0.5
+    # the curve: every channel count of LeNet's smallest group (conv1, 16 channels)
+    assert [float(w) for w in summary["curve"]] == [c / 16 for c in range(1, 17)]
+    assert all(0 <= v <= 1 for v in summary["curve"].values())
+    assert json.loads((out / "demo.json").read_text())["curve"] == summary["curve"]
+    assert "| 75 % (unseen) | 0.25 |" in (out / "demo.md").read_text()
+    assert (out / "demo.png").read_bytes()[:4] == b"\x89PNG"
+    assert any("plot:" in line for line in lines)
+
+    # a second run resumes: the base, the manifold and the individual models are loaded, not retrained
+    lines.clear()
+    again = run_demo(config, progress=False, log=lines.append)
+    assert any(line.startswith("base model: loaded") for line in lines)
+    assert any(line.startswith("manifold: loaded") for line in lines)
+    assert [r["individual_test"] for r in again["rows"]] == [r["individual_test"] for r in summary["rows"]]
