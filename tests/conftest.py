@@ -3,7 +3,6 @@ import torch
 
 import neumeta as nm
 
-FASHION = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 
 
 @pytest.fixture(autouse=True)

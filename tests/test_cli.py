@@ -14,10 +14,10 @@ from neumeta import cli
 from neumeta.cli import COMMANDS, main, parse_command
 from neumeta.config import add_options, load_config
 from neumeta.experiment import DemoConfig
+from neumeta.data.fashion_mnist import fashion_mnist_available
 
-FASHION = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 DEMO_YAML = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-needs_fashion = pytest.mark.skipif(not os.path.exists(FASHION), reason="needs the Fashion-MNIST files "
+needs_fashion = pytest.mark.skipif(not fashion_mnist_available(), reason="needs the Fashion-MNIST files "
                                    "(CI installs dataset-fashion-mnist)")
 
 
@@ -163,9 +163,8 @@ def test_sample_command_reports_flops_of_both_networks(small_manifold, tmp_path,
 
 
 def test_sample_command_calibrates_by_default_and_names_a_mismatching_dataset(small_manifold, tmp_path, capsys):
-    import os
     import torch
-    if not os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"):
+    if not fashion_mnist_available():
         pytest.skip("needs the Fashion-MNIST files (CI installs dataset-fashion-mnist)")
     path = small_manifold.save(tmp_path / "m.neumeta")
     main(["sample", "--manifold", str(path), "--width", "0.5", "--samples", "1", "--calibrate", "3",

@@ -3,21 +3,13 @@ import json
 
 import pytest
 
-from neumeta.data.fashion_mnist import find_fashion_mnist
+from neumeta.data.fashion_mnist import fashion_mnist_available
 from neumeta.experiment import DataConfig, DemoConfig, run_demo
 from neumeta.inr import INRConfig
 from neumeta.train import FitConfig
 
 
-def _have_data() -> bool:
-    try:
-        find_fashion_mnist(download=False)
-        return True
-    except FileNotFoundError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _have_data(), reason="needs Fashion-MNIST (`make test` gets it)")
+pytestmark = pytest.mark.skipif(not fashion_mnist_available(), reason="needs Fashion-MNIST (`make test` gets it)")
 
 
 def test_tiny_demo_writes_table_json_and_plot(tmp_path):

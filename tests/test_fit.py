@@ -1,6 +1,5 @@
 """fit(): it learns on real data, checkpoints atomically and resumes exactly."""
 import dataclasses
-import os
 
 import pytest
 import torch
@@ -9,9 +8,9 @@ from torch.func import functional_call
 import neumeta as nm
 from neumeta.data import TensorLoader, load_fashion_mnist
 from neumeta.supervised import train_supervised
+from neumeta.data.fashion_mnist import fashion_mnist_available
 
-FASHION = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
-pytestmark = pytest.mark.skipif(not os.path.exists(FASHION), reason="needs Debian's dataset-fashion-mnist (CI installs it)")
+pytestmark = pytest.mark.skipif(not fashion_mnist_available(), reason="needs Fashion-MNIST (`make test` gets it)")
 
 TINY_INR = nm.INRConfig(hidden=32, depth=3, frequencies=4)
 

@@ -8,19 +8,11 @@ from pathlib import Path
 import pytest
 
 import neumeta as nm
-from neumeta.data.fashion_mnist import find_fashion_mnist
+from neumeta.data.fashion_mnist import fashion_mnist_available
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SCHEDULE = "nm.FitConfig(prefit_steps=500, steps=1500)"
 SHORT = "nm.FitConfig(prefit_steps=20, steps=20, eval_every=20)"
-
-
-def _have_data() -> bool:
-    try:
-        find_fashion_mnist(download=False)
-        return True
-    except FileNotFoundError:
-        return False
 
 
 def readme_example() -> str:
@@ -34,7 +26,7 @@ def test_readme_is_short_enough():
     assert len(README.read_text().splitlines()) <= 250
 
 
-@pytest.mark.skipif(not _have_data(), reason="needs Fashion-MNIST (`make test` gets it)")
+@pytest.mark.skipif(not fashion_mnist_available(), reason="needs Fashion-MNIST (`make test` gets it)")
 def test_readme_example_runs(tmp_path, monkeypatch):
     code = readme_example()
     assert SCHEDULE in code, "the README's fit schedule changed: update SCHEDULE here"

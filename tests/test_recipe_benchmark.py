@@ -12,10 +12,10 @@ from benchmarks import recipe as entry
 from benchmarks import recipe_benchmark as rb
 from neumeta.experiment import DataConfig
 from neumeta.train import DivergenceError
+from neumeta.data.fashion_mnist import fashion_mnist_available
 
-FASHION = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 
-pytestmark = pytest.mark.skipif(not os.path.exists(FASHION) and not os.environ.get("NEUMETA_DATA_DIR"),
+pytestmark = pytest.mark.skipif(not fashion_mnist_available(),
                                 reason="needs the Fashion-MNIST files (CI installs dataset-fashion-mnist)")
 
 TINY = rb.Schedule(epochs=1, prefit_steps=4, steps=6, eval_every=3, samples=1, curve_samples=1, cost_rounds=2)

@@ -20,7 +20,6 @@ the held-out loss goes 1.38 (after the pre-fit) -> 1.30 at widths 1.0 and 0.5 al
 itself 0.99 — the joint phase shrinks the badly reconstructed block towards the identity
 (its residual path), which beats a wrong block.
 """
-import os
 
 import pytest
 import torch
@@ -30,10 +29,10 @@ from torch.func import functional_call
 import neumeta as nm
 from neumeta.data import TensorLoader, load_fashion_mnist
 from neumeta.supervised import train_supervised
+from neumeta.data.fashion_mnist import fashion_mnist_available
 
-FASHION = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not os.path.exists(FASHION), reason="needs Debian's dataset-fashion-mnist (CI installs it)")]
+              pytest.mark.skipif(not fashion_mnist_available(), reason="needs Fashion-MNIST (`make test` gets it)")]
 
 TINY_INR = nm.INRConfig(hidden=32, depth=3, frequencies=4)
 

@@ -6,6 +6,7 @@ artefact written under one run directory so a second run resumes instead of redo
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import time
 from dataclasses import dataclass, field
@@ -220,9 +221,7 @@ def _draw(summary: Dict, config: DemoConfig, path: Path) -> str:
     """demo.png, or nothing where matplotlib is not installed (it is an optional extra)."""
     if not summary["curve"]:
         return ""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("matplotlib") is None:
         return "   (no plot: pip install matplotlib)"
     from .plot import plot_width_curve
     plot_width_curve({float(w): v for w, v in summary["curve"].items()}, path,

@@ -4,7 +4,8 @@ from __future__ import annotations
 from typing import Dict, List
 
 import torch
-from tqdm.auto import tqdm
+
+from .progress import progress_bar
 
 
 def train_supervised(model: torch.nn.Module, task, train_loader, epochs: int, lr: float = 1e-3,
@@ -23,7 +24,7 @@ def train_supervised(model: torch.nn.Module, task, train_loader, epochs: int, lr
     model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     history = []
-    bar = tqdm(total=epochs * len(train_loader), desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
+    bar = progress_bar(total=epochs * len(train_loader), desc=desc, disable=not progress, leave=False)
     for epoch in range(epochs):
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(epoch)

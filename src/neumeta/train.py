@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 
 from .io import atomic_write
 from .manifold import WeightManifold
+from .progress import progress_bar
 
 
 @dataclass
@@ -419,8 +420,7 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
 
     original_outputs = None
     batches = endless_batches(train_loader, state["step"])
-    bar = tqdm(initial=state["step"], total=total, desc="fit", disable=not progress or rank != 0,
-               dynamic_ncols=True)
+    bar = progress_bar(initial=state["step"], total=total, desc="fit", disable=not progress or rank != 0)
     manifold.train()
     step = state["step"]
     while step < total:

@@ -82,6 +82,15 @@ def load_fashion_mnist(
     )
 
 
+def fashion_mnist_available(data_dir=None) -> bool:
+    """Whether the files are on this machine (nothing is downloaded)."""
+    try:
+        find_fashion_mnist(data_dir, download=False)
+        return True
+    except FileNotFoundError:
+        return False
+
+
 def find_fashion_mnist(data_dir=None, download: bool = True) -> dict:
     """Map each of the four file names to an existing path, or raise FileNotFoundError saying why."""
     looked_in: List[Path] = []
