@@ -32,6 +32,9 @@ def test_tiny_demo_writes_table_json_and_plot(tmp_path):
     assert "| 75 % (unseen) | 0.25 |" in (out / "demo.md").read_text()
     assert (out / "demo.png").read_bytes()[:4] == b"\x89PNG"
     assert any("plot:" in line for line in lines)
+    stages = summary["stage_seconds"]
+    assert {"base model", "manifold (smoothing + fit)", "individual models"} <= set(stages)
+    assert abs(sum(stages.values()) - summary["seconds"]) < 0.2  # the stages add up to the whole run
 
     # a second run resumes: the base, the manifold and the individual models are loaded, not retrained
     lines.clear()

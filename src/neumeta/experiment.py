@@ -5,6 +5,7 @@ artefact written under one run directory so a second run resumes instead of redo
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -126,13 +127,15 @@ def run_demo(config: DemoConfig, progress: bool = True, log=print) -> Dict:
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    stages: Dict[str, float] = {}  # wall seconds of each stage of this run (zero where loaded)
     data = load_data(config.data, config.seed)
     base_path = out / "base.safetensors"
     if base_path.exists():
         base = load_model(base_path)
         log(f"base model: loaded {base_path}")
     else:
-        base = train_base(config.model, data, config.epochs, config.lr, config.seed, config.device, progress)
+        with _timed(stages, "base model"):
+            base = train_base(config.model, data, config.epochs, config.lr, config.seed, config.device, progress)
         save_model(base, base_path)
         log(f"base model: trained {config.epochs} epochs, wrote {base_path}")
     base.to(config.device)
@@ -142,10 +145,11 @@ def run_demo(config: DemoConfig, progress: bool = True, log=print) -> Dict:
         manifold = load_manifold(manifold_path, map_location=config.device)
         log(f"manifold: loaded {manifold_path}")
     else:
-        manifold = build_manifold(base, data.example.to(config.device), config.inr, config.coords,
-                                  smoothing=config.smooth, seed=config.seed, log=log).to(config.device)
-        result = fit(manifold, data.task, data.train, data.val, config.fit, checkpoint=str(out / "fit.ckpt"),
-                     resume=True, progress=progress)
+        with _timed(stages, "manifold (smoothing + fit)"):
+            manifold = build_manifold(base, data.example.to(config.device), config.inr, config.coords,
+                                      smoothing=config.smooth, seed=config.seed, log=log).to(config.device)
+            result = fit(manifold, data.task, data.train, data.val, config.fit, checkpoint=str(out / "fit.ckpt"),
+                         resume=True, progress=progress)
         manifold = result.manifold
         manifold.save(manifold_path, extra={"best_step": result.best_step, "history": result.history})
         log(f"manifold: fitted, best validation step {result.best_step}, wrote {manifold_path}")
@@ -170,8 +174,9 @@ def run_demo(config: DemoConfig, progress: bool = True, log=print) -> Dict:
                 individual = load_model(path)
             else:
                 kwargs = dict(getattr(base, "neumeta_kwargs", {}), **width_kwargs(config.model, counts))
-                individual = train_base(config.model, data, config.epochs, config.lr, config.seed,
-                                        config.device, progress, desc=f"individual {width:g}", **kwargs)
+                with _timed(stages, "individual models"):
+                    individual = train_base(config.model, data, config.epochs, config.lr, config.seed,
+                                            config.device, progress, desc=f"individual {width:g}", **kwargs)
                 save_model(individual, path)
         individual.to(config.device)
         rows.append({
@@ -185,14 +190,18 @@ def run_demo(config: DemoConfig, progress: bool = True, log=print) -> Dict:
             "neumeta_test_uncalibrated": data.task.evaluate(plain, data.test, config.device)["accuracy"],
             "calibration_batches": batches,
         })
-    curve = width_curve(manifold, data, config, reference) if config.curve_samples else {}
+    with _timed(stages, "width curve"):
+        curve = width_curve(manifold, data, config, reference) if config.curve_samples else {}
+    seconds = time.time() - started
+    stages["sampling + evaluation"] = seconds - sum(stages.values())  # what the stages above leave
     summary = {
         "rows": rows,
         "curve": {f"{w:g}": v for w, v in curve.items()},
         "stored_individual": sum(r["params"] for r in rows),
         "stored_manifold": count_parameters(manifold),
         "manifold_path": str(manifold_path),
-        "seconds": round(time.time() - started, 1),
+        "seconds": round(seconds, 1),
+        "stage_seconds": {name: round(value, 1) for name, value in stages.items()},
         "config": dataclasses.asdict(config),
     }
     atomic_write(out / "demo.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
@@ -201,6 +210,16 @@ def run_demo(config: DemoConfig, progress: bool = True, log=print) -> Dict:
     log(table)
     log(f"checkpoint: {manifold_path}   table: {out / 'demo.md'}" + _draw(summary, config, out / "demo.png"))
     return summary
+
+
+@contextlib.contextmanager
+def _timed(stages: Dict[str, float], name: str):
+    """Add the wall time of the block to ``stages[name]``."""
+    start = time.time()
+    try:
+        yield
+    finally:
+        stages[name] = stages.get(name, 0.0) + time.time() - start
 
 
 def width_curve(manifold: WeightManifold, data: Data, config: DemoConfig, reference=None) -> Dict[float, float]:
@@ -246,4 +265,7 @@ def format_table(summary: Dict) -> str:
     lines.append("")
     lines.append(f"Stored parameters: {len(summary['rows'])} individual models {summary['stored_individual']:,}; "
                  f"one NeuMeta manifold (INR) {summary['stored_manifold']:,}, any width.")
+    if "stage_seconds" in summary:
+        parts = ", ".join(f"{name} {value / 60:.1f}" for name, value in summary["stage_seconds"].items() if value >= 0.05)
+        lines.append(f"Time: {summary['seconds'] / 60:.1f} min ({parts}).")
     return "\n".join(lines)
