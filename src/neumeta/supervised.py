@@ -35,7 +35,7 @@ def train_supervised(model: torch.nn.Module, task, train_loader, epochs: int, lr
             loss.backward()
             optimizer.step()
             bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         row: Dict = {"epoch": epoch + 1}
         if val_loader is not None:
             model.eval()

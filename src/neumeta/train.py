@@ -476,7 +476,7 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
             state["joint_steps"] += 1
         if step % 20 == 0:
             bar.set_postfix(task=f"{float(task_loss.detach()):.3f}", recon=f"{recon.item():.2e}",
-                            lr=f"{scheduler.get_last_lr()[0]:.1e}")
+                            lr=f"{scheduler.get_last_lr()[0]:.1e}", refresh=False)
         bar.update(1)
         step += 1
         if step >= config.prefit_steps and (step % config.eval_every == 0 or step == total):
