@@ -3,6 +3,7 @@
     PYTHONPATH=src python benchmarks/step_time.py                 # this machine's CPU
     PYTHONPATH=src python benchmarks/step_time.py --device cuda   # a GPU
     PYTHONPATH=src python benchmarks/step_time.py --profile       # + where a fit step's host time goes
+    PYTHONPATH=src python benchmarks/step_time.py --hidden 256 128  # the fit step of two INR widths
 
 Fashion-MNIST batches of 128 (the recipe benchmark's), a fresh LeNet and a manifold built from it
 (the default recipe, no pre-fit, no evaluation). The LeNet step is timed twice: with each batch
@@ -32,6 +33,7 @@ except ImportError:  # let the script run without PYTHONPATH=src as well
     sys.path.insert(0, str(ROOT / "src"))
 from benchmarks.recipe_benchmark import device_name, fit_step_seconds, plain_step_seconds
 from neumeta.experiment import DataConfig, build_manifold, load_data
+from neumeta.inr import INRConfig
 from neumeta.models import create_model
 from neumeta.train import FitConfig
 
@@ -40,10 +42,11 @@ HEADER = ("| date | device | LeNet step, from the loader (ms) | LeNet step, batc
           "| fit step, default recipe (ms) | fit step / LeNet step |\n|---|---|---|---|---|---|\n")
 
 
-def fit_step_ms(data, device: str, steps: int, profile: bool) -> tuple:
-    """A default fit step of a manifold built from a fresh LeNet, after 5 warm-up steps."""
+def fit_step_ms(data, device: str, steps: int, profile: bool, hidden: int = INRConfig.hidden) -> tuple:
+    """A default fit step of a manifold (INR ``hidden`` wide) built from a fresh LeNet, after 5
+    warm-up steps."""
     torch.manual_seed(0)
-    manifold = build_manifold(create_model("lenet").to(device), data.example.to(device),
+    manifold = build_manifold(create_model("lenet").to(device), data.example.to(device), INRConfig(hidden=hidden),
                               log=lambda *_: None).to(device)
     fit_step_seconds(manifold, data, FitConfig(), 5)  # warm-up
     profiler = cProfile.Profile() if profile else None
@@ -65,18 +68,23 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=300, help="LeNet steps timed (fit steps: a tenth, at least 10)")
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions of the fit steps")
     parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("--hidden", type=int, nargs="+", default=[INRConfig.hidden],
+                        help="INR widths: one row each, timed in the same run (e.g. 256 128)")
     args = parser.parse_args(argv)
     data = load_data(DataConfig(), 0)
     loader, on_device = (1e3 * plain_step_seconds("lenet", data, 1e-3, 0, args.device, args.steps, fixed)
                          for fixed in (False, True))
-    fit_ms, report = fit_step_ms(data, args.device, max(10, args.steps // 10), args.profile)
-    row = (f"| {time.strftime('%Y-%m-%d')} | {device_name(args.device)} | {loader:.2f} | {on_device:.2f} "
-           f"| {fit_ms:.1f} | {fit_ms / loader:.1f} |\n")
+    rows, report = "", ""
+    for hidden in args.hidden:
+        fit_ms, report = fit_step_ms(data, args.device, max(10, args.steps // 10), args.profile, hidden)
+        inr = "" if hidden == INRConfig.hidden else f", INR {hidden} wide"
+        rows += (f"| {time.strftime('%Y-%m-%d')} | {device_name(args.device)}{inr} | {loader:.2f} | {on_device:.2f} "
+                 f"| {fit_ms:.1f} | {fit_ms / loader:.1f} |\n")
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
     table = results.read_text() if results.exists() else HEADER
-    results.write_text(table + row)
-    print(HEADER + row, end="")
+    results.write_text(table + rows)
+    print(HEADER + rows, end="")
     print(f"appended to {results}")
     if report:
         print(report)

@@ -11,7 +11,7 @@ import neumeta as nm
 from neumeta.data.fashion_mnist import fashion_mnist_available
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-SCHEDULE = "nm.FitConfig(prefit_steps=500, steps=1500)"
+SCHEDULE = "nm.FitConfig(prefit_steps=1000, steps=2500)"
 SHORT = "nm.FitConfig(prefit_steps=20, steps=20, eval_every=20)"
 
 
