@@ -42,5 +42,6 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     params = [int(re.search(r"([\d,]+) parameters", line).group(1).replace(",", "")) for line in lines]
     assert params == sorted(params, reverse=True) and params[0] > params[-1]
     assert params[0] == sum(p.numel() for p in namespace["model"].parameters())  # full width = the model
-    loaded = nm.load(tmp_path / "net.neumeta")
+    loaded = nm.load(tmp_path / "net.neumeta", model=namespace["Net"]())  # as the README's comment says
     assert loaded.space.full == namespace["space"].full
+    assert 'nm.load("net.neumeta", model=Net())' in code
