@@ -22,9 +22,8 @@ except ImportError:  # not installed: the source tree
     sys.path.insert(0, str(ROOT / "src"))
 
 from benchmarks.recipe_benchmark import RecipeBenchmarkConfig, run  # noqa: E402
-from neumeta.cli import CONFIGS  # noqa: E402
+from neumeta.cli import CONFIGS, run_reporting_errors  # noqa: E402
 from neumeta.config import HELP, add_options, load_config  # noqa: E402
-from neumeta.train import DivergenceError  # noqa: E402
 
 BENCHMARK_HELP = {
     "quick": "one seed and a short schedule (a smoke run in minutes; not for conclusions)",
@@ -54,11 +53,7 @@ def main(argv=None) -> None:
     config = load_config(RecipeBenchmarkConfig, args, commands=CONFIGS)
     if config.quick and tuple(config.seeds) == (0, 1, 2):  # the quick run's one seed, unless others are named
         config.seeds = (0,)
-    try:
-        run(config)
-    except (DivergenceError, FileNotFoundError, KeyError, ValueError) as err:
-        print(f"error: {err.args[0] if isinstance(err, KeyError) and err.args else err}", file=sys.stderr)
-        raise SystemExit(2)
+    run_reporting_errors(run, config)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import torch
 
 from neumeta.calibrate import DEFAULT_BATCHES, calibration_inputs
 from neumeta.coords import CoordConfig
-from neumeta.experiment import DataConfig, build_manifold, load_data, train_base
+from neumeta.experiment import DataConfig, build_manifold, load_data, train_base, width_curve
 from neumeta.fold import fold_batchnorm
 from neumeta.groups import WidthSpace
 from neumeta.inr import INRConfig
@@ -375,15 +375,10 @@ def _calibration(manifold, data, samples: int, seed: int) -> dict:
 
 def _curve(manifold, data, schedule: Schedule, seed: int, device, calibrated: bool = False) -> Dict[str, float]:
     """Test accuracy at every channel count of the smallest group, the others at the same fraction."""
-    space = manifold.space
-    smallest = min(space.full, key=space.full.get)
-    calibration = _calibration(manifold, data, schedule.curve_samples, seed) if calibrated else {}
-    curve = {}
-    for channels in range(1, space.full[smallest] + 1):
-        net = manifold.sample(channels / space.full[smallest], samples=schedule.curve_samples, seed=seed,
-                              **calibration).to(device)
-        curve[str(channels)] = data.task.evaluate(net, data.test, device)[data.task.metric]
-    return curve
+    size = min(manifold.space.full.values())
+    reference = _calibration(manifold, data, schedule.curve_samples, seed)["calibration"] if calibrated else None
+    curve = width_curve(manifold, data.task, data.test, schedule.curve_samples, seed, device, reference)
+    return {str(round(width * size)): value for width, value in curve.items()}
 
 
 def _evaluate(manifold, data, schedule: Schedule, seed: int, device, calibrated: bool = False):

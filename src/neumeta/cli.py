@@ -238,14 +238,19 @@ def parse_command(argv: Optional[Sequence[str]] = None) -> Tuple[Callable, Any]:
     return func, (args if cls is None else load_config(cls, args, commands=CONFIGS))
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    func, config = parse_command(argv)
+def run_reporting_errors(func: Callable, config) -> None:
+    """``func(config)``; a known error (bad input, a diverged fit) is one ``error:`` line and exit
+    code 2, anything else keeps its traceback (a bug)."""
     try:
         func(config)
     except (DivergenceError, FileNotFoundError, KeyError, ValueError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err  # no repr quotes
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    run_reporting_errors(*parse_command(argv))
 
 
 if __name__ == "__main__":

@@ -191,7 +191,8 @@ def run_demo(config: DemoConfig, progress: bool = True, log=print) -> Dict:
             "calibration_batches": batches,
         })
     with _timed(stages, "width curve"):
-        curve = width_curve(manifold, data, config, reference) if config.curve_samples else {}
+        curve = width_curve(manifold, data.task, data.test, config.curve_samples, config.seed, config.device,
+                            reference) if config.curve_samples else {}
     seconds = time.time() - started
     stages["sampling + evaluation"] = seconds - sum(stages.values())  # what the stages above leave
     summary = {
@@ -222,17 +223,18 @@ def _timed(stages: Dict[str, float], name: str):
         stages[name] = stages.get(name, 0.0) + time.time() - start
 
 
-def width_curve(manifold: WeightManifold, data: Data, config: DemoConfig, reference=None) -> Dict[float, float]:
-    """Test accuracy at every channel count of the smallest morphed group (the other groups at the
-    same fraction), K = ``curve_samples``: the line of the demo's plot."""
-    space = manifold.space
-    size = min(space.full.values())
+def width_curve(manifold: WeightManifold, task, batches, samples: int, seed: int = 0, device="cpu",
+                reference=None) -> Dict[float, float]:
+    """``task``'s metric on ``batches`` at every channel count of the smallest morphed group (the other
+    groups at the same fraction), K = ``samples``, calibrated with ``reference`` if given: the line
+    of the demo's plot and of the recipe benchmark's."""
+    size = min(manifold.space.full.values())
     calibration = {} if reference is None else {"calibration": reference}
     curve = {}
     for channels in range(1, size + 1):
         width = channels / size
-        net = manifold.sample(width, samples=config.curve_samples, seed=config.seed, **calibration)
-        curve[width] = data.task.evaluate(net, data.test, config.device)[data.task.metric]
+        net = manifold.sample(width, samples=samples, seed=seed, **calibration).to(device)
+        curve[width] = task.evaluate(net, batches, device)[task.metric]
     return curve
 
 
