@@ -48,12 +48,15 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> None:
-    args = make_parser().parse_args(argv)
+def configured_run(args: argparse.Namespace) -> None:
     config = load_config(RecipeBenchmarkConfig, args, commands=CONFIGS)
     if config.quick and tuple(config.seeds) == (0, 1, 2):  # the quick run's one seed, unless others are named
         config.seeds = (0,)
-    run_reporting_errors(run, config)
+    run(config)
+
+
+def main(argv=None) -> None:
+    run_reporting_errors(configured_run, make_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

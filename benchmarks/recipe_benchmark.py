@@ -363,7 +363,7 @@ def _fitted(tree: dict, config: RecipeBenchmarkConfig, schedule: Schedule, seed:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NeverLearnedWarning)
         return fit(manifold, data.task, data.train, data.val, fit_config, checkpoint=str(folder / "fit.ckpt"),
-                   resume=True)
+                   resume="auto")
 
 
 def _calibration(manifold, data, samples: int, seed: int) -> dict:

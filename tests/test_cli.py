@@ -2,6 +2,7 @@
 precedence, fit and sample end to end."""
 import argparse
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import yaml
 import neumeta as nm
 from neumeta import cli
 from neumeta.cli import COMMANDS, main, parse_command
-from neumeta.config import add_options, load_config
+from neumeta.config import ConfigError, add_options, load_config
 from neumeta.experiment import DemoConfig
 from neumeta.data.fashion_mnist import fashion_mnist_available
 
@@ -54,7 +55,7 @@ def test_optional_width_list_flag_takes_widths(tmp_path):
 
 
 def test_unknown_yaml_key_is_named(tmp_path):
-    with pytest.raises(SystemExit, match="stepz"):
+    with pytest.raises(ConfigError, match="stepz"):
         _config(tmp_path, "fit: {stepz: 10}\n", [])
 
 
@@ -89,7 +90,7 @@ def test_each_command_takes_its_own_options_from_the_shared_file():
 def test_a_key_of_no_command_is_refused_by_every_command_with_its_path(tmp_path, command, typo, path):
     file = tmp_path / "typo.yaml"
     file.write_text(DEMO_YAML.read_text() + typo)
-    with pytest.raises(SystemExit, match=rf"unknown option {path} in {file}: no command has it"):
+    with pytest.raises(ConfigError, match=rf"unknown option {path} in {file}: no command has it"):
         parse_command([command, "--config", str(file)])
 
 
@@ -134,7 +135,7 @@ def test_a_divergence_is_one_error_line_naming_the_way_out(monkeypatch, capsys):
 
 
 def test_invalid_value_is_reported(tmp_path):
-    with pytest.raises(SystemExit, match="positions"):
+    with pytest.raises(ConfigError, match="positions"):
         _config(tmp_path, "coords: {positions: middle}\n", [])
 
 
@@ -176,8 +177,11 @@ def test_sample_command_calibrates_by_default_and_names_a_mismatching_dataset(sm
     x = torch.zeros(2, 3, 32, 32)
     cifar = nm.WeightManifold(nm.WidthSpace(nm.create_model("resnet20"), x, groups="paper"),
                               nm.INRConfig(hidden=8, depth=2, frequencies=2))
-    with pytest.raises(SystemExit, match=r"\(3, 32, 32\).*fashion-mnist.*\(1, 28, 28\).*--calibrate 0"):
-        main(["sample", "--manifold", str(cifar.save(tmp_path / "c.neumeta")), "--width", "0.5", "--samples", "1"])
+    with pytest.raises(SystemExit) as exit_:
+        main(["sample", "--manifold", str(cifar.save(tmp_path / "c.neumeta")), "--width", "0.5", "--samples", "1",
+              "--out", str(tmp_path / "c.safetensors")])
+    assert exit_.value.code == 2
+    assert re.search(r"\(3, 32, 32\).*fashion-mnist.*\(1, 28, 28\).*--calibrate 0", capsys.readouterr().err)
 
 
 def test_sample_command_reports_bad_width(small_manifold, tmp_path, capsys):

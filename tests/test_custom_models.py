@@ -231,3 +231,96 @@ def test_attention_coupled_to_a_group_is_refused_naming_the_module():
     """Heads split the channels in blocks the coordinates cannot express: refused, not guessed."""
     with pytest.raises(ValueError, match=r"'attn' \(MultiheadAttention\)"):
         nm.WidthSpace(_Attention().eval(), torch.randn(2, 5, 8))
+
+
+# ---------------------------------------------------------------------------------------------
+# Output layers are found through whatever parameter-free ops follow them
+# ---------------------------------------------------------------------------------------------
+
+class Tail(nn.Module):
+    """A 4-class head followed by a parameter-free ending: the head's outputs must stay fixed."""
+
+    def __init__(self, ending):
+        super().__init__()
+        self.ending = ending
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 12)
+        self.head = nn.Linear(12, 4)
+        self.head_conv = nn.Conv2d(12, 4, 1)  # used by the flatten ending: a [n, 4, 1, 1] map
+
+    def forward(self, x):
+        h = F.relu(self.fc(F.relu(self.conv(x)).mean((2, 3))))
+        if self.ending == "log_softmax":
+            return F.log_softmax(self.head(h), dim=1)
+        if self.ending == "sigmoid":
+            return torch.sigmoid(self.head(h))
+        if self.ending == "view":
+            return self.head(h).view(x.shape[0], -1)
+        return torch.flatten(self.head_conv(h[:, :, None, None]), 1)
+
+
+@pytest.mark.parametrize("ending", ["log_softmax", "sigmoid", "view", "flatten"])
+def test_output_layer_behind_parameter_free_ops_stays_fixed(ending):
+    torch.manual_seed(0)
+    model, x = Tail(ending).eval(), torch.randn(3, 3, 6, 6)
+    head = "head_conv" if ending == "flatten" else "head"
+    smoothed, _ = nm.smooth(model, x)  # would blame torch-pruning if it permuted the classes
+    torch.testing.assert_close(smoothed(x), model(x), rtol=1e-5, atol=1e-6)
+    space = nm.WidthSpace(smoothed, x)
+    assert space.output_layers == [head]
+    assert space.resolve(0.5)["fc"] == 6 and head not in space.full
+    small = nm.WeightManifold(space, TINY_INR).sample(0.5, samples=1)
+    assert small(x).shape == (3, 4)
+
+
+class Similarity(nn.Module):
+    """Scores from a product of two layers' outputs: which channels the output needs is unclear."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 5), nn.Linear(6, 5)
+
+    def forward(self, x):
+        return self.a(x) @ self.b(x).T
+
+
+def test_output_the_reader_cannot_follow_asks_for_fixed():
+    x = torch.randn(4, 6)
+    with pytest.raises(ValueError, match=r"fixed=\[") as err:
+        nm.WidthSpace(Similarity(), x)
+    assert "torch-pruning" not in str(err.value)
+    space = nm.WidthSpace(Similarity(), x, fixed=["a", "b"])
+    assert space.output_layers == ["a", "b"]
+    with pytest.raises(ValueError, match=r"fixed=\["):
+        nm.smooth(Similarity(), x)
+    nm.smooth(Similarity(), x, fixed=["a", "b"])  # the user says which outputs are fixed
+
+
+class DeepSimilarity(Similarity):
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return super().forward(torch.relu(self.hidden(x)))
+
+
+def test_build_manifold_takes_fixed_and_smooths_only_the_groups_that_morph():
+    from neumeta.experiment import build_manifold
+    x = torch.randn(4, 6)
+    quiet = lambda *a: None  # noqa: E731
+    with pytest.raises(ValueError, match=r"fixed=\["):
+        build_manifold(DeepSimilarity(), x, nm.INRConfig(hidden=8, depth=2, frequencies=2), log=quiet)
+    manifold = build_manifold(DeepSimilarity(), x, nm.INRConfig(hidden=8, depth=2, frequencies=2),
+                              fixed=["a", "b"], log=quiet)
+    assert manifold.space.output_layers == ["a", "b"] and list(manifold.space.groups) == ["hidden"]
+    image = torch.randn(2, 3, 32, 32)
+    resnet = nm.create_model("resnet20")
+    paper = build_manifold(resnet, image, nm.INRConfig(hidden=8, depth=2, frequencies=2), groups="paper",
+                           log=quiet)
+    assert set(paper.space.groups) == set(nm.WidthSpace(resnet, image, groups="paper").groups)
+    folded = nm.fold_batchnorm(resnet, image)
+    paper_model, untouched = paper.space.model, dict(folded.named_parameters())
+    moved = {n for n, p in paper_model.named_parameters() if not torch.equal(p, untouched[n])}
+    members = {m.rsplit(".", 1)[0] for g in paper.space.groups.values() for m in g.members}
+    assert moved and all(any(n.startswith(m + ".") for m in members) for n in moved), moved

@@ -243,20 +243,46 @@ def test_system_dir_is_used_when_nothing_else_is_given(tmp_path, no_default_plac
     assert len(splits.train[1]) == 12
 
 
-def test_missing_everywhere_lists_places_and_fix(tmp_path, no_default_places, monkeypatch):
+def test_missing_everywhere_lists_places_and_fix(tmp_path, no_default_places):
     system_dir, cache_dir = no_default_places
-    monkeypatch.setenv("NEUMETA_DATA_DIR", str(tmp_path / "from-env"))
-    given = tmp_path / "nowhere"
 
     with pytest.raises(FileNotFoundError) as error:
-        load_fashion_mnist(given, download=False)
+        load_fashion_mnist(download=False)
 
     message = str(error.value)
-    for place in (given, tmp_path / "from-env", system_dir, cache_dir):
+    for place in (system_dir, cache_dir):
         assert str(place) in message
     assert "--data-dir" in message
     assert "apt-get install dataset-fashion-mnist" in message
     assert not cache_dir.exists(), "download=False must not create the cache"
+
+
+@pytest.mark.parametrize("how", ["argument", "environment"])
+@pytest.mark.parametrize("state", ["missing", "empty", "partial"])
+def test_a_named_folder_without_the_files_is_an_error_not_another_dataset(tmp_path, no_default_places,
+                                                                         monkeypatch, how, state):
+    """Data elsewhere (here: the system folder) is never used in place of the folder the user named."""
+    system_dir, _ = no_default_places
+    write_fake_fashion_mnist(system_dir, n_train=16)
+    named = tmp_path / "mine"
+    if state != "missing":
+        named.mkdir()
+    if state == "partial":
+        write_fake_fashion_mnist(named, n_train=16)
+        (named / "t10k-labels-idx1-ubyte.gz").unlink()
+    if how == "environment":
+        monkeypatch.setenv("NEUMETA_DATA_DIR", str(named))
+    option = "--data-dir" if how == "argument" else "$NEUMETA_DATA_DIR"
+
+    with pytest.raises(FileNotFoundError) as error:
+        load_fashion_mnist(named if how == "argument" else None, val_size=4, download=True)
+
+    message = str(error.value)
+    assert f"{option} {named}" in message
+    assert ("no such folder" in message) == (state == "missing")
+    if state == "partial":
+        assert "missing t10k-labels-idx1-ubyte" in message and "train-images" not in message.split("missing")[1]
+    assert not fashion_mnist.fashion_mnist_available(named if how == "argument" else None)
 
 
 def test_failed_download_is_reported(tmp_path, no_default_places, monkeypatch):
@@ -266,7 +292,7 @@ def test_failed_download_is_reported(tmp_path, no_default_places, monkeypatch):
     monkeypatch.setattr(fashion_mnist, "DOWNLOAD_URL", empty_source.as_uri() + "/")
 
     with pytest.raises(FileNotFoundError, match="Download from .* failed") as error:
-        load_fashion_mnist(tmp_path / "nowhere", download=True)
+        load_fashion_mnist(download=True)
 
     _, cache_dir = no_default_places
     assert list(cache_dir.iterdir()) == [], "a failed download must leave no partial files"

@@ -1,4 +1,4 @@
-"""fit(): it learns on real data, checkpoints atomically and resumes exactly."""
+"""fit(): it learns on real data, checkpoints atomically and resumes exactly (EMA and best too)."""
 import dataclasses
 
 import pytest
@@ -6,6 +6,7 @@ import torch
 from torch.func import functional_call
 
 import neumeta as nm
+from neumeta.checkpoint import load_checkpoint
 from neumeta.data import TensorLoader, load_fashion_mnist
 from neumeta.supervised import train_supervised
 from neumeta.data.fashion_mnist import fashion_mnist_available
@@ -75,18 +76,22 @@ def test_resume_continues_exactly_where_it_stopped(real, tmp_path):
         return nm.WeightManifold(nm.WidthSpace(base, x[:2]), TINY_INR)
 
     unbroken = fresh()
-    nm.fit(unbroken, task, loader, val, config, progress=False)
+    unbroken_result = nm.fit(unbroken, task, loader, val, config, progress=False)
 
     ckpt = tmp_path / "fit.ckpt"
     broken = fresh()
     with pytest.raises(_Crash):  # dies after the checkpoint of step 21, during step 24
         nm.fit(broken, _CrashingTask(crash_at=20), loader, val, config, checkpoint=str(ckpt), progress=False)
-    saved_step = torch.load(ckpt, weights_only=False)["state"]["step"]
+    saved_step = load_checkpoint(ckpt)["state"]["step"]
     assert saved_step == 21
     resumed = fresh()
-    nm.fit(resumed, task, loader, val, config, checkpoint=str(ckpt), resume=True, progress=False)
+    resumed_result = nm.fit(resumed, task, loader, val, config, checkpoint=str(ckpt), resume=True, progress=False)
     for a, b in zip(unbroken.parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(unbroken_result.manifold.parameters(), resumed_result.manifold.parameters()):  # EMA, best
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert resumed_result.history == unbroken_result.history
+    assert resumed_result.best_step == unbroken_result.best_step
 
 
 @pytest.mark.filterwarnings("ignore::neumeta.NeverLearnedWarning")  # short on purpose
@@ -111,4 +116,4 @@ def test_resume_refuses_a_checkpoint_written_with_other_options(real, tmp_path):
     watched = dataclasses.replace(config, eval_every=1, guard_retries=5)
     result = nm.fit(nm.WeightManifold(nm.WidthSpace(base, x[:2]), TINY_INR), task, loader, val, watched,
                     checkpoint=str(ckpt), resume=True, progress=False)
-    assert result.best_step == torch.load(ckpt, weights_only=False)["state"]["best_step"]
+    assert result.best_step == load_checkpoint(ckpt)["state"]["best_step"]

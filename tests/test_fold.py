@@ -504,3 +504,60 @@ def test_hook_fallback_sees_layer_output_returned_from_model():
 
     with pytest.raises(ValueError, match="'bn'.*model output"):
         fold_batchnorm(ReturnsBoth(), example_inputs=torch.randn(1, 3, 5, 5))
+
+
+# --- An error in forward is the model's, not a tracing problem --------------------------------
+
+class RaisesInForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        raise RuntimeError("bug in forward")
+
+
+class ShapeErrorAfterControlFlow(DataDependent):
+    """Not fx-traceable, and the eager run then fails on a shape mismatch of its own."""
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if y.sum() > -1e9:
+            y = y @ torch.ones(5, 5)  # y is [n, 6, 8, 8]: the last axis has 8, not 5
+        return y
+
+
+@pytest.mark.parametrize("example", [None, torch.randn(1, 3, 5, 5)])
+def test_error_raised_by_forward_propagates(example):
+    with pytest.raises(RuntimeError, match="bug in forward"):
+        fold_batchnorm(RaisesInForward(), example_inputs=example)
+
+
+def test_shape_error_in_the_eager_fallback_propagates():
+    with pytest.raises(RuntimeError, match="cannot be multiplied|size mismatch|shape"):
+        fold_batchnorm(ShapeErrorAfterControlFlow(), example_inputs=torch.randn(2, 3, 8, 8))
+
+
+class LoopOverBatch(nn.Module):
+    """``range`` over a traced size is refused by Python, not by fx: still a tracing failure."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        for _ in range(x.shape[0]):
+            y = torch.tanh(y)
+        return y
+
+
+@pytest.mark.parametrize("factory", [DataDependent, LoopOverBatch])
+def test_untraceable_control_flow_falls_back_and_folds(factory):
+    torch.manual_seed(1)
+    model, x = randomise_bn(factory()), torch.randn(2, 3, 8, 8)
+    with pytest.raises(TypeError, match="example_inputs"):
+        fold_batchnorm(model)
+    folded = fold_batchnorm(model, example_inputs=x)
+    assert bn_names(folded) == []
+    assert max_diff(eval_out(model, x), eval_out(folded, x)) <= 1e-5

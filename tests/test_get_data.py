@@ -85,6 +85,9 @@ def test_the_library_side_reports_where_it_looked(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(fashion_mnist, "SYSTEM_DIR", tmp_path / "system")
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("NEUMETA_DATA_DIR", raising=False)
-    assert data_main.main(["--no-download", "--data-dir", str(tmp_path / "mine")]) == 1
+    assert data_main.main(["--no-download"]) == 1
     err = capsys.readouterr().err
-    assert str(tmp_path / "mine") in err and str(tmp_path / "system") in err and "Download was disabled" in err
+    assert str(tmp_path / "system") in err and "Download was disabled" in err
+    assert data_main.main(["--no-download", "--data-dir", str(tmp_path / "mine")]) == 1  # only there
+    err = capsys.readouterr().err
+    assert f"--data-dir {tmp_path / 'mine'}: no such folder" in err and str(tmp_path / "system") not in err

@@ -80,3 +80,26 @@ def test_sampled_network_of_a_custom_base_on_few_groups_round_trips(tmp_path):
     assert small.layer3[2].conv1.out_channels == 12 and small.layer1[0].conv1.out_channels == 8
     loaded = nm.load_model(nm.save_model(small, tmp_path / "small.safetensors"))
     torch.testing.assert_close(loaded(x), small(x), rtol=0, atol=0)
+
+
+def test_atomic_write_names_its_temporary_file_after_the_process(tmp_path):
+    import os
+    from neumeta.io import atomic_write
+    seen = []
+    atomic_write(tmp_path / "ckpt", lambda tmp: (seen.append(os.path.basename(tmp)), open(tmp, "w").write("x")))
+    assert seen[0].startswith(f".ckpt.{os.getpid()}.") and seen[0].endswith(".tmp")
+
+
+def test_atomic_write_removes_temporary_files_of_dead_processes_only(tmp_path):
+    import os
+    from neumeta.io import atomic_write
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()  # its pid now names no process (reaped)
+    stale = tmp_path / f".ckpt.{finished.pid}.abc123.tmp"
+    live = tmp_path / f".ckpt.{os.getpid()}.def456.tmp"  # a write under way in a live process
+    other_target = tmp_path / f".other.{finished.pid}.xyz.tmp"  # not this file's to judge
+    for p in (stale, live, other_target):
+        p.write_text("half")
+    atomic_write(tmp_path / "ckpt", lambda tmp: open(tmp, "w").write("good"))
+    assert not stale.exists() and live.exists() and other_target.exists()
+    assert (tmp_path / "ckpt").read_text() == "good"

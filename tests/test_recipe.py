@@ -5,6 +5,8 @@ import torch
 from torch.func import functional_call
 
 import neumeta as nm
+from neumeta.checkpoint import load_checkpoint
+from neumeta.config import ConfigError
 from neumeta.data import TensorLoader
 from neumeta.train import inplace_distillation
 
@@ -142,7 +144,7 @@ def test_cli_recipe_sits_under_yaml_and_flags(tmp_path):
     config = load_config(FitCommandConfig, args)
     assert config.coords.size_terms and config.coords.positions == "index"  # from the recipe
     assert config.fit.recon_weight == 3.0 and config.fit.warmup == 0.2  # YAML and flag win
-    with pytest.raises(SystemExit, match="unknown recipe 'nope'"):
+    with pytest.raises(ConfigError, match="unknown recipe 'nope'"):
         load_config(FitCommandConfig, argparse.Namespace(config=None, recipe="nope"))
 
 
@@ -179,7 +181,7 @@ def test_guard_rolls_back_on_a_nan_and_finishes(small_manifold, tmp_path):
     result, ckpt = _fit(small_manifold, _ScriptedTask(nan_calls={5}, scores=[0.8, 0.7] * 10), tmp_path)
     assert len(result.rollbacks) == 1 and "non-finite" in result.rollbacks[0]["why"]
     assert result.rollbacks[0]["to_step"] == 4  # the last validated state
-    saved = torch.load(ckpt, weights_only=False)
+    saved = load_checkpoint(ckpt)
     assert saved["state"]["step"] == 14  # finished
     assert saved["scheduler"]["base_lrs"][0] == pytest.approx(0.5e-3)  # lower learning rate after the rollback
     assert all(torch.isfinite(p).all() for p in result.manifold.parameters())
@@ -200,7 +202,7 @@ def test_guard_gives_up_and_leaves_the_last_good_checkpoint(small_manifold, tmp_
     with pytest.raises(DivergenceError, match=r"step 8.*width 1.*3 rollbacks.*--no-guard") as error:
         _, ckpt = _fit(small_manifold, _ScriptedTask(scores=scores), tmp_path, guard_retries=3)
     assert len(error.value.rollbacks) == 3 and all("width 1" in r["why"] for r in error.value.rollbacks)
-    saved = torch.load(tmp_path / "fit.ckpt", weights_only=False)
+    saved = load_checkpoint(tmp_path / "fit.ckpt")
     assert saved["state"]["step"] == 4 and saved["state"]["best_step"] == 4
     assert [row["step"] for row in saved["state"]["history"]] == [4]
 
@@ -214,7 +216,7 @@ def test_a_fit_that_never_left_chance_is_returned_with_a_warning(small_manifold,
         result, ckpt = _fit(small_manifold, _ScriptedTask(scores=scores), tmp_path, guard=guard)
     assert not result.learned and len(result.warnings) == 1 and "width 0.5" not in result.warnings[0]
     assert result.rollbacks == [] and result.best_step == 4  # nothing fell, so nothing was rolled back
-    assert torch.load(ckpt, weights_only=False)["state"]["step"] == 14  # finished
+    assert load_checkpoint(ckpt)["state"]["step"] == 14  # finished
 
 
 def test_without_the_guard_a_nan_stops_at_once(small_manifold, tmp_path):

@@ -260,13 +260,13 @@ def test_the_entry_point_runs_as_a_script_from_anywhere(tmp_path):
 
 
 def test_the_entry_point_reads_the_shared_yaml_file_and_flags(tmp_path):
-    from neumeta.config import load_config
+    from neumeta.config import ConfigError, load_config
     file = tmp_path / "c.yaml"
     file.write_text("quick: true\nseeds: [1]\nfit: {steps: 9}\ndata: {train_size: 64}\n")  # fit: neumeta's
     args = entry.make_parser().parse_args(["--config", str(file), "--variants", "default"])
     config = load_config(rb.RecipeBenchmarkConfig, args, commands=entry.CONFIGS)
     assert (config.quick, config.seeds, config.variants, config.data.train_size) == (True, (1,), ("default",), 64)
     file.write_text("fit: {stepz: 9}\n")
-    with pytest.raises(SystemExit, match=r"fit\.stepz"):
+    with pytest.raises(ConfigError, match=r"fit\.stepz"):
         load_config(rb.RecipeBenchmarkConfig, entry.make_parser().parse_args(["--config", str(file)]),
                     commands=entry.CONFIGS)

@@ -1,4 +1,6 @@
 """WidthSpace: groups found from the dependency graph, widths resolved, modules really resized."""
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -88,3 +90,29 @@ def test_refuses_layers_it_cannot_resize(example):
     model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.GroupNorm(2, 8), nn.ReLU(), nn.Conv2d(8, 4, 3))
     with pytest.raises(ValueError, match="GroupNorm"):
         nm.WidthSpace(model, example)
+
+
+@pytest.mark.parametrize("width, shown", [
+    (1e6, "1000000.0"), (float("inf"), "inf"), (float("nan"), "nan"), (-0.5, "-0.5"), (0, "0"), ("abc", "'abc'"),
+    ({"conv1": 1e6}, "1000000.0"), ({"conv1": float("inf")}, "inf"), ({"conv1": float("nan")}, "nan"),
+    ({"conv1": -0.5}, "-0.5"), ({"conv1": 0}, "0"), ({"conv1": "abc"}, "'abc'"), ({"conv1": 10**6}, "1000000"),
+    ({"conv1": None}, "None"),
+])
+def test_unusable_widths_are_refused_naming_the_width(lenet, example, width, shown):
+    space = nm.WidthSpace(lenet, example)
+    with pytest.raises(ValueError, match=rf"width {re.escape(shown)}(?![\d.])") as err:
+        space.resolve(width)
+    if isinstance(width, dict):
+        assert "'conv1'" in str(err.value)  # and the group
+
+
+def test_extrapolation_is_bounded_by_max_extrapolation(lenet, example):
+    space = nm.WidthSpace(lenet, example)
+    assert space.max_extrapolation == 2.0
+    assert space.resolve(2.0)["conv1"] == 32 and space.resolve({"conv1": 32})["conv1"] == 32
+    with pytest.raises(ValueError, match="max_extrapolation"):
+        space.resolve(2.01)
+    with pytest.raises(ValueError, match="'conv1'.*max_extrapolation"):
+        space.resolve({"conv1": 33})
+    space.max_extrapolation = 4.0
+    assert space.resolve(3.0)["fc1"] == 384

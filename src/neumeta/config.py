@@ -5,16 +5,23 @@ nesting). ``add_options`` makes a flag of each; ``load_config`` builds the confi
 defaults, then a YAML file, then the flags. One YAML file serves every command: a key that is an
 option of any of the commands named is accepted (and ignored by those without it), a key that
 none has is an error naming it and its path in the file (``fit.stepz``).
+
+Every value is checked against its field's type before any work starts (``lr: "fast"`` is an
+error naming ``fit.lr``, not a TypeError inside Adam an epoch later), and so is every ``device``.
+A wrong option raises ``ConfigError``; the command prints it as one ``error:`` line.
 """
 from __future__ import annotations
 
 import argparse
 import collections.abc
 import dataclasses
+import math
+import re
 import typing
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import torch
 import yaml
 
 from .recipes import RECIPES, merge_recipe
@@ -22,8 +29,8 @@ from .recipes import RECIPES, merge_recipe
 HELP = {
     # data
     "dataset": "dataset name (fashion-mnist)",
-    "data_dir": "folder with the dataset files (default: $NEUMETA_DATA_DIR, the Debian package's folder, "
-                "~/.cache/neumeta, then download)",
+    "data_dir": "folder with the dataset files, the only place looked in when given (default: "
+                "$NEUMETA_DATA_DIR, else the Debian package's folder, ~/.cache/neumeta, then download)",
     "val_size": "training images held out for validation (model selection); the test split is only for final tables",
     "batch_size": "training batch size",
     "eval_batch_size": "batch size when evaluating",
@@ -74,7 +81,8 @@ HELP = {
     # commands
     "base": "the trained full-width model (written by `neumeta train-base`)",
     "checkpoint": "training checkpoint (written atomically at every validation; default: OUT.ckpt)",
-    "resume": "continue from the checkpoint if it exists",
+    "resume": "continue from the checkpoint (it must exist, and be of the same base model and options)",
+    "overwrite": "start afresh even where the checkpoint or the output file exists (both are replaced)",
     "manifold": "a manifold file written by `neumeta fit`",
     "width": "a width multiplier (0.5), or exact channels/multipliers per group (conv1=8,fc1=0.5)",
     "widths": "width multipliers to evaluate",
@@ -86,6 +94,12 @@ HELP = {
     "split": "which split to evaluate: val or test",
     "input_shape": "shape of one input (without the batch), for tracing",
 }
+
+
+class ConfigError(ValueError):
+    """An option with a wrong name, type or value; raised before any work starts."""
+
+
 RENAME = {("fit", "lr"): "fit_lr"}  # flags that would clash with a top-level option
 SKIP = {("fit", "seed")}  # no flag: the command's own --seed sets it
 
@@ -151,7 +165,7 @@ def check_options(values: Mapping, tree: Mapping, where: str, path: Tuple[str, .
         here = path + (str(key),)
         if key not in tree:
             under = f"under {'.'.join(path)}" if path else "at the top level"
-            raise SystemExit(f"error: unknown option {'.'.join(here)} in {where}: no command has it; "
+            raise ConfigError(f"unknown option {'.'.join(here)} in {where}: no command has it; "
                              f"known {under}: {', '.join(sorted(tree))}")
         if isinstance(value, Mapping) and isinstance(tree[key], dict):
             check_options(value, tree[key], where, here)
@@ -175,30 +189,30 @@ def build_config(cls, values: Mapping, where: str = "options"):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
     if unknown:
-        raise SystemExit(f"error: unknown option(s) {', '.join(sorted(unknown))} in {where}; "
+        raise ConfigError(f"unknown option(s) {', '.join(sorted(unknown))} in {where}; "
                          f"known: {', '.join(sorted(names))}")
     kwargs = {}
     for key, value in values.items():
         if dataclasses.is_dataclass(hints[key]):
             if not isinstance(value, Mapping):
-                raise SystemExit(f"error: {where}.{key} must be a mapping of options")
+                raise ConfigError(f"{where}.{key} must be a mapping of options, not {value!r}")
             kwargs[key] = build_config(hints[key], value, f"{where}.{key}")
         else:
-            kwargs[key] = tuple(value) if isinstance(value, list) else value
+            kwargs[key] = checked_value(value, hints[key], f"{where}.{key}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
-        raise SystemExit(f"error: invalid options in {where}: {err}")
+        raise ConfigError(f"invalid options in {where}: {err}") from err
 
 
 def read_config_file(path) -> dict:
     """The mapping of options in a YAML file."""
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"error: config file {path} not found")
+        raise ConfigError(f"config file {path} not found")
     loaded = yaml.safe_load(path.read_text()) or {}
     if not isinstance(loaded, dict):
-        raise SystemExit(f"error: {path} must hold a mapping of options")
+        raise ConfigError(f"{path} must hold a mapping of options")
     return loaded
 
 
@@ -227,9 +241,84 @@ def load_config(cls, args: argparse.Namespace, commands: Sequence[type] = ()):
             _set(values, dest.split("."), value)
     if "recipe" in {f.name for f in dataclasses.fields(cls)}:
         if values.get("recipe", "default") not in RECIPES:
-            raise SystemExit(f"error: unknown recipe {values['recipe']!r}; available: {', '.join(RECIPES)}")
+            raise ConfigError(f"unknown recipe {values['recipe']!r}; available: {', '.join(RECIPES)}")
         values = merge_recipe(values)  # the recipe, then the YAML file, then flags
     config = build_config(cls, values, file or "options")
     if hasattr(config, "fit") and hasattr(config, "seed"):
         config.fit.seed = config.seed
+    if hasattr(config, "device"):
+        check_device(config.device)
     return config
+
+
+# --------------------------------------------------------------------------- types
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")  # YAML 1.1 reads 1e-3 as a string
+
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def checked_value(value, hint, where: str):
+    """``value`` if it has type ``hint`` (ints pass as floats, lists become tuples), else ConfigError."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return checked_value(value, option, where)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin in (list, tuple, collections.abc.Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, not {value!r}")
+        item = args[0] if args and args[0] is not Ellipsis else typing.Any
+        return tuple(checked_value(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is typing.Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, str) and _NUMBER.match(value.strip()):
+            value = float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if math.isnan(value):
+                raise ConfigError(f"{where} must be a number, not nan")
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif isinstance(hint, type) and isinstance(value, hint):
+        return value
+    raise ConfigError(f"{where} must be {_article(_type_name(hint))}, not {value!r} ({type(value).__name__})")
+
+
+def _article(name: str) -> str:
+    words = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+    return words.get(name, f"of type {name}")
+
+
+def check_device(device: str, option: str = "device") -> None:
+    """Refuse a device this machine lacks (``--device cuda`` without CUDA) before any work starts."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"{option} {device!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from err
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{option} {device!r}: this machine has no CUDA device "
+                              "(torch.cuda.is_available() is False); use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ConfigError(f"{option} {device!r}: this machine has {torch.cuda.device_count()} CUDA "
+                              f"device(s), numbered from 0")
+    elif parsed.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError(f"{option} {device!r}: MPS is not available on this machine; use --device cpu")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"{option} {device!r}: only cpu, cuda and mps devices are supported")

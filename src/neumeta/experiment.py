@@ -65,11 +65,40 @@ def load_data(config: DataConfig, seed: int = 0) -> Data:
     return Data(
         train=TensorLoader(*train, batch_size=config.batch_size, shuffle=True, seed=seed,
                            rank=rank, world_size=world),
-        val=TensorLoader(*val, batch_size=config.eval_batch_size, shuffle=False),
+        val=TensorLoader(*_part(val, rank, world), batch_size=config.eval_batch_size, shuffle=False),
         test=TensorLoader(*test, batch_size=config.eval_batch_size, shuffle=False),
         task=ClassificationTask(spec["num_classes"]),
         example=splits.train[0][:2].clone(),
     )
+
+
+def _part(split, rank: int, world: int):
+    """This process's part of an evaluation split under torch.distributed: disjoint, contiguous,
+    and uneven where the split does not divide (``fit`` sums the scores over processes, so the
+    result is exactly the whole split's); the whole split in one process."""
+    if world == 1:
+        return split
+    return tuple(torch.tensor_split(t, world)[rank] for t in split)
+
+
+def check_model_fits_data(model: torch.nn.Module, data: Data, what: str) -> None:
+    """Refuse a network that cannot read the data's inputs, or gives another number of outputs
+    than the task has classes, before any work starts (not as a shape error deep in training)."""
+    example = data.example[:2].to(next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            outputs = model(example)
+    except RuntimeError as err:
+        raise ValueError(f"{what} ({type(model).__name__}) cannot read this dataset's inputs of shape "
+                         f"{tuple(example.shape[1:])}: {str(err).splitlines()[0]}") from err
+    finally:
+        model.train(was_training)
+    classes = getattr(data.task, "num_classes", None)
+    if classes is not None and (outputs.dim() != 2 or outputs.shape[1] != classes):
+        raise ValueError(f"{what} ({type(model).__name__}) gives outputs of shape {tuple(outputs.shape[1:])}, "
+                         f"but the dataset has {classes} classes")
 
 
 def train_base(model_name: str, data: Data, epochs: int, lr: float, seed: int, device="cpu",
@@ -86,14 +115,21 @@ def train_base(model_name: str, data: Data, epochs: int, lr: float, seed: int, d
 
 def build_manifold(base: torch.nn.Module, example: torch.Tensor, inr: INRConfig = INRConfig(),
                    coords: CoordConfig = CoordConfig(), groups=None, smoothing: bool = True,
-                   seed: int = 0, log=print) -> WeightManifold:
-    """fold -> (smooth) -> WidthSpace -> WeightManifold."""
+                   seed: int = 0, log=print, fixed: Sequence[str] = ()) -> WeightManifold:
+    """fold -> (smooth) -> WidthSpace -> WeightManifold; the INR's initial weights come from
+    ``seed`` alone (not from whatever drew from torch's generator before). ``groups`` and
+    ``fixed`` are ``WidthSpace``'s; only the groups that morph are smoothed."""
     model = fold_batchnorm(base, example)
     if smoothing:
-        model, report = smooth(model, example, seed=seed, groups=groups)
+        # a preset ("paper") names the groups through the model: the space resolves it
+        chosen = None if groups is None else list(WidthSpace(model, example, groups=groups, fixed=fixed).groups)
+        model, report = smooth(model, example, seed=seed, groups=chosen, fixed=fixed)
         log(f"smoothing permutation: total variation {report.tv_before:,.1f} -> {report.tv_after:,.1f} "
             f"({report.seconds:.2f} s)")
-    return WeightManifold(WidthSpace(model, example, groups=groups), inr, coords)
+    space = WidthSpace(model, example, groups=groups, fixed=fixed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return WeightManifold(space, inr, coords)
 
 
 def count_parameters(module: torch.nn.Module) -> int:
@@ -149,7 +185,7 @@ def run_demo(config: DemoConfig, progress: bool = True, log=print) -> Dict:
             manifold = build_manifold(base, data.example.to(config.device), config.inr, config.coords,
                                       smoothing=config.smooth, seed=config.seed, log=log).to(config.device)
             result = fit(manifold, data.task, data.train, data.val, config.fit, checkpoint=str(out / "fit.ckpt"),
-                         resume=True, progress=progress)
+                         resume="auto", progress=progress)
         manifold = result.manifold
         manifold.save(manifold_path, extra={"best_step": result.best_step, "history": result.history})
         log(f"manifold: fitted, best validation step {result.best_step}, wrote {manifold_path}")

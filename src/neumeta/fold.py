@@ -14,6 +14,8 @@ too) is an error rather than something silently left behind.
 from __future__ import annotations
 
 import copy
+import os
+import traceback
 from collections import defaultdict
 
 import torch
@@ -73,18 +75,44 @@ def fold_batchnorm(model: nn.Module, example_inputs=None) -> nn.Module:
 
 
 def _find_uses(model: nn.Module, example_inputs):
-    """Trace with fx; if that fails, fall back to running the model on example_inputs."""
+    """Trace with fx; where fx cannot trace the model, run it once on example_inputs instead.
+
+    The eager run is the judge: an error the model's forward raises by itself (a shape
+    mismatch, a ``raise`` in forward) raises there too and propagates, rather than being taken
+    for a tracing problem. Without example_inputs only a failure of tracing itself (fx's
+    TraceError, an error inside fx, an operation a Proxy does not support) becomes the
+    TypeError asking for them; any other error is the model's and propagates as it is.
+    """
     try:
         graph = _LeafTracer().trace(model)
     except Exception as err:  # fx raises many kinds: TraceError, TypeError, RuntimeError ...
-        if example_inputs is None:
-            raise TypeError(
-                f"fold_batchnorm: {type(model).__name__} is not fx-traceable ({err}); "
-                "pass example_inputs so the model can be run once to find which layer "
-                "each BatchNorm follows"
-            ) from err
-        return _HookTracer(model).run(example_inputs)
-    return _uses_from_graph(model, graph)
+        failure = err
+    else:
+        return _uses_from_graph(model, graph)
+    if example_inputs is not None:
+        return _HookTracer(model).run(example_inputs)  # outside the except: its errors stand alone
+    if _is_tracing_failure(failure):
+        raise TypeError(
+            f"fold_batchnorm: {type(model).__name__} is not fx-traceable ({failure}); "
+            "pass example_inputs so the model can be run once to find which layer "
+            "each BatchNorm follows"
+        ) from failure
+    if hasattr(failure, "add_note"):  # Python 3.11+
+        failure.add_note("fold_batchnorm traced the model with torch.fx; if this error only happens "
+                         "while tracing, pass example_inputs to run the model eagerly instead")
+    raise failure
+
+
+_FX_DIR = os.path.dirname(fx.__file__) + os.sep
+
+
+def _is_tracing_failure(err: BaseException) -> bool:
+    """True when fx itself gave up: TraceError, an error raised inside torch.fx, or Python
+    refusing a Proxy (``range(x.shape[0])``); False for an error the forward raised itself."""
+    if isinstance(err, fx.proxy.TraceError) or "Proxy" in str(err):
+        return True
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and frames[-1].filename.startswith(_FX_DIR)
 
 
 # --- Finding conv -> BN pairs with torch.fx -------------------------------------------------

@@ -2,28 +2,30 @@
 
 torch-pruning's ``DependencyGraph`` is the one source of truth about coupling: a conv's
 output channels, the next conv's input channels, a residual stream shared by many layers,
-the inputs of a linear layer after a flatten. ``WidthSpace`` turns its groups into a small
-description of every weight-bearing layer (which group owns each of its channel positions)
-that the rest of the library reads: coordinates, resizing, smoothing.
+the inputs of a linear layer after a flatten. ``neumeta.graph`` reads it (the same reading
+``smooth`` uses); ``WidthSpace`` turns it into a small description of every weight-bearing
+layer (which group owns each of its channel positions) that the rest of the library reads:
+coordinates, resizing.
 """
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch_pruning as tp
 
 from .fold import fold_batchnorm
+from .graph import CONV as _CONV, CONV_T as _CONV_T, MORPHABLE_TYPES, ChannelGroup, channel_graph
 
 Width = Union[float, int, Mapping[str, Union[int, float]]]
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-MORPHABLE_TYPES = _CONV + _CONV_T + (nn.Linear,)
 PRESETS = ("paper",)  # WidthSpace(groups="paper"): the groups the model names in neumeta_paper_groups
+# Per-channel modules whose size is part of their configuration, not only of their tensors.
+_SIZED_NORMS = (nn.GroupNorm, nn.LayerNorm)
 
 
 @dataclass(frozen=True)
@@ -37,13 +39,6 @@ class Segment:
     group: Optional[str]
     channels: int
     repeat: int = 1
-
-
-@dataclass(frozen=True)
-class ChannelGroup:
-    name: str
-    size: int
-    members: Tuple[str, ...]  # "module.out" / "module.in" of every coupled layer
 
 
 @dataclass(frozen=True)
@@ -80,56 +75,6 @@ def _channels(segments: Sequence[Segment], counts: Mapping[str, int]) -> int:
     return sum(counts[s.group] if s.group else s.channels for s in segments)
 
 
-def _output_modules(model: nn.Module, example_inputs) -> List[str]:
-    """Names of the leaf modules whose output *is* (part of) the model's output.
-
-    Their output channels are what the task needs (classes, image channels), so they stay fixed.
-    """
-    produced: Dict[int, str] = {}
-    keep = []
-
-    def hook(name):
-        def record(_module, _inputs, output):
-            for t in _flatten(output):
-                produced[id(t)] = name
-                keep.append(t)
-        return record
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
-               if isinstance(m, MORPHABLE_TYPES)]
-    try:
-        with torch.no_grad():
-            out = model(*_as_tuple(example_inputs))
-    finally:
-        for h in handles:
-            h.remove()
-    return sorted({produced[id(t)] for t in _flatten(out) if id(t) in produced})
-
-
-def _flatten(obj) -> List[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, (list, tuple)):
-        return [t for o in obj for t in _flatten(o)]
-    if isinstance(obj, dict):
-        return [t for o in obj.values() for t in _flatten(o)]
-    return []
-
-
-def _as_tuple(example_inputs) -> tuple:
-    return tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
-
-
-def group_name(group, names: Dict[nn.Module, str]) -> str:
-    """A stable name for a torch-pruning group: the first module, in definition order, whose
-    output channels it holds (a residual stream is named after its first producer)."""
-    order = {m: i for i, m in enumerate(names)}
-    producers = [item.dep.target.module for item in group.items
-                 if item.dep.target.module in names and isinstance(item.dep.target.module, MORPHABLE_TYPES)
-                 and "out_channels" in getattr(item.dep.handler, "__name__", "")]
-    return names[min(producers, key=order.__getitem__)] if producers else names[group.items[0].dep.target.module]
-
-
 def _segments(owner: List[Optional[Tuple[str, int]]], where: str) -> Tuple[Segment, ...]:
     """Compress a per-position owner list into channel-major segments (or refuse)."""
     segments: List[Segment] = []
@@ -155,6 +100,10 @@ def _segments(owner: List[Optional[Tuple[str, int]]], where: str) -> Tuple[Segme
     return tuple(segments)
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _check_grouped(module: nn.Module, name: str) -> bool:
     """True for a depthwise conv (morphs with its channel group); raise for other grouped convs."""
     groups = getattr(module, "groups", 1)
@@ -175,6 +124,46 @@ def _check_grouped(module: nn.Module, name: str) -> bool:
     raise ValueError(f"module {name!r} ({kind}): {why}")
 
 
+def _refuse_unresizable(group: ChannelGroup, modules: Mapping[str, nn.Module]) -> None:
+    """Raise, naming the module, if a group chosen to morph holds anything but Conv/Linear sides.
+
+    A per-channel vector (a PReLU's slopes, a norm's affine parameters, a loose ``self.scale``)
+    or a norm whose configuration fixes the channel count cannot follow a width change.
+    Permuting them is fine, so ``smooth`` takes the same members; only resizing is refused.
+    """
+    for c in group.couplings:
+        if c.is_layer and not c.problem:
+            continue
+        sized = isinstance(modules.get(c.module), _SIZED_NORMS)
+        if not (c.problem or c.tensors or sized):
+            continue  # nothing tied to the channel count (a parameter-free module, a scalar)
+        why = c.problem or (f"module {c.module!r} ({c.kind}) has parameters or a size tied to the "
+                            f"channels of group {group.name!r}; only Conv/ConvTranspose/Linear layers "
+                            "can be resized")
+        raise ValueError(f"{why}. Leave the group out: fixed=[{group.name!r}] or groups=[...] "
+                         "without it (BatchNorm right after a layer is folded instead)")
+
+
+def _channel_owners(groups, modules: Mapping[str, nn.Module], dim_length):
+    """``(layer, "out"/"in") -> [(group, channel) or None per position]`` over all groups."""
+    owners: Dict[Tuple[str, str], List[Optional[Tuple[str, int]]]] = {}
+    for group in groups:
+        for c in group.couplings:
+            if not c.is_layer:
+                continue
+            if len(c.positions) % group.size:
+                raise ValueError(f"module {c.module!r}: {len(c.positions)} {c.side} positions do not divide "
+                                 f"into the {group.size} channels of group {group.name!r}")
+            key = (c.module, c.side)
+            if key not in owners:
+                owners[key] = [None] * dim_length(modules[c.module], c.side)
+            for pos, channel in zip(c.positions, c.channels):
+                if owners[key][pos] not in (None, (group.name, channel)):
+                    raise ValueError(f"module {c.module!r}: {c.side} position {pos} is claimed by two groups")
+                owners[key][pos] = (group.name, channel)
+    return owners
+
+
 class WidthSpace:
     """The morphable channel groups of a network and its weight-bearing layers.
 
@@ -189,65 +178,40 @@ class WidthSpace:
             the last block of layer3 (``layer3.2.conv1`` in resnet20); for the ImageNet
             ResNets, by analogy, the inner group(s) of the last block of layer4. Other models
             have no preset and ``"paper"`` is an error.
-        fixed: module names whose *output* channels never morph (added to the automatically
-            detected output layers).
+        fixed: module names whose *output* channels never morph, added to the output layers
+            found automatically (every layer whose output reaches the model's output through
+            parameter-free operations: a softmax, a sigmoid, a reshape). Where the output is
+            computed in a way the reader cannot follow (e.g. a product of two layers' outputs)
+            it says so and asks for them here. Fixing a layer keeps its whole group fixed, which
+            is also how to keep a group holding something unresizable (a PReLU's slopes, a
+            GroupNorm) out of the morphing.
+
+    A group that morphs may hold only Conv/ConvTranspose/Linear sides and parameter-free
+    modules; anything else is an error naming the module, raised only for groups chosen to
+    morph. ``smooth`` reads the same groups (``neumeta.graph``) and may permute all of them.
     """
+
+    max_extrapolation = 2.0
+    """The widest multiplier ``resolve`` accepts (a channel count likewise, relative to the full
+    size): a little beyond 1.0 extrapolates the trained range, far beyond it means nothing and
+    would allocate a huge network."""
 
     def __init__(self, model: nn.Module, example_inputs, groups: Union[None, str, Sequence[str]] = None,
                  fixed: Sequence[str] = ()):
         self.model = fold_batchnorm(model, example_inputs).eval()
         self.example_inputs = example_inputs
-        names = {m: n for n, m in self.model.named_modules()}
         modules = dict(self.model.named_modules())
-        for name in fixed:
-            if name not in modules:
-                raise KeyError(f"fixed={name!r}: no such module")
-        self.output_layers = sorted(set(_output_modules(self.model, example_inputs)) | set(fixed))
-
-        graph = tp.DependencyGraph().build_dependency(self.model, example_inputs=example_inputs)
-        ignored = [modules[n] for n in self.output_layers]
-        owners: Dict[Tuple[str, str], List[Optional[Tuple[str, int]]]] = {}
-        all_groups: Dict[str, ChannelGroup] = {}
-        for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=MORPHABLE_TYPES):
-            root = group.items[0]
-            gname = group_name(group, names)
-            size = len(root.idxs)
-            members = []
-            for item in group.items:
-                module = item.dep.target.module
-                handler = getattr(item.dep.handler, "__name__", "")
-                if module not in names:  # torch-pruning's own ops: add, concat, reshape, ...
-                    continue
-                mname = names[module]
-                if not isinstance(module, MORPHABLE_TYPES):
-                    if any(True for _ in module.parameters(recurse=False)):
-                        raise ValueError(
-                            f"module {mname!r} ({type(module).__name__}) has parameters tied to the "
-                            f"channels of group {gname!r}; only Conv/ConvTranspose/Linear layers can be "
-                            f"resized (fold BatchNorm first, or pass it in fixed=)")
-                    continue
+        for mname, module in modules.items():  # refused whichever groups morph: never generated right
+            if isinstance(module, MORPHABLE_TYPES):
                 _check_grouped(module, mname)
-                dim = "out" if "out_channels" in handler else "in" if "in_channels" in handler else None
-                if dim is None:
-                    continue
-                idxs = [int(getattr(i, "idx", i)) for i in item.idxs]
-                if len(idxs) % size:
-                    raise ValueError(f"module {mname!r}: {len(idxs)} {dim} positions do not divide "
-                                     f"into the {size} channels of group {gname!r}")
-                repeat = len(idxs) // size
-                key = (mname, dim)
-                if key not in owners:
-                    owners[key] = [None] * self._dim_length(module, dim)
-                for n, pos in enumerate(idxs):
-                    if owners[key][pos] not in (None, (gname, n // repeat)):
-                        raise ValueError(f"module {mname!r}: {dim} position {pos} is claimed by two groups")
-                    owners[key][pos] = (gname, n // repeat)
-                members.append(f"{mname}.{dim}")
-            all_groups[gname] = ChannelGroup(gname, size, tuple(dict.fromkeys(members)))
-
-        order = {n: i for i, n in enumerate(modules)}
-        self.all_groups = {n: all_groups[n] for n in sorted(all_groups, key=order.__getitem__)}
+        graph = channel_graph(self.model, example_inputs, fixed)
+        self.output_layers = list(graph.output_layers)
+        self.all_groups: Dict[str, ChannelGroup] = {g.name: g for g in graph.groups}
         self.groups = self._select(self.all_groups, groups)
+        for group in self.groups.values():
+            _refuse_unresizable(group, modules)
+        owners = _channel_owners(self.all_groups.values(), modules, self._dim_length)
+
         self.layers: List[MorphLayer] = []
         for mname, module in self.model.named_modules():
             if not isinstance(module, MORPHABLE_TYPES):
@@ -316,27 +280,40 @@ class WidthSpace:
         """Turn a width multiplier, or a ``{group: count or multiplier}`` dict, into channel counts.
 
         An ``int`` in a dict is an exact channel count, a ``float`` a multiplier of that group.
-        Groups left out of a dict keep their full width.
+        Groups left out of a dict keep their full width. A width must be a finite number > 0 and
+        at most ``max_extrapolation`` (times the group's full size, for a count).
         """
         counts = dict(self.full)
         if isinstance(width, Mapping):
             items = [(self.group_of(k, self.groups), v) for k, v in width.items()]
-        elif isinstance(width, (int, float)) and not isinstance(width, bool):
-            items = [(g, float(width)) for g in counts]
+        elif _is_number(width):  # one multiplier for every group, even when written as an int
+            items = [(g, width) for g in counts]
         else:
-            raise TypeError(f"width must be a number or a dict of group widths, not {type(width).__name__}")
+            raise ValueError(f"width {width!r} is neither a number nor a dict of group widths")
         for gname, value in items:
-            size = self.groups[gname].size
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"width of group {gname!r} must be a number, not {value!r}")
-            if value <= 0:
-                raise ValueError(f"width {value} for group {gname!r} must be > 0")
-            count = int(value) if isinstance(value, int) else int(round(size * value))
-            if count < 1:
-                raise ValueError(f"width {value} leaves group {gname!r} ({size} channels) with 0 channels; "
-                                 f"the smallest multiplier for it is {0.5 / size:.3g}")
-            counts[gname] = count
+            counts[gname] = self._channel_count(gname, value, exact=isinstance(width, Mapping))
         return counts
+
+    def _channel_count(self, gname: str, value, exact: bool) -> int:
+        """Channels of group ``gname`` for ``value``: an exact count if ``exact`` and ``value`` is
+        an int, else a multiplier of the group's full size. Refused naming both when unusable."""
+        size, limit = self.groups[gname].size, self.max_extrapolation
+        if not _is_number(value):
+            raise ValueError(f"width {value!r} for group {gname!r} is not a number")
+        if not math.isfinite(value):
+            raise ValueError(f"width {value!r} for group {gname!r} must be a finite number")
+        if value <= 0:
+            raise ValueError(f"width {value} for group {gname!r} must be > 0")
+        exact = exact and isinstance(value, numbers.Integral)  # checked before rounding: 1e308 * size is inf
+        if (value > limit * size) if exact else (value > limit):
+            asked = f"{value} channels" if exact else f"multiplier {value!r}"
+            raise ValueError(f"width {value!r} for group {gname!r} ({size} channels) is too wide: {asked} is "
+                             f"beyond WidthSpace.max_extrapolation = {limit:g} times the trained width")
+        count = int(value) if exact else int(round(size * value))
+        if count < 1:
+            raise ValueError(f"width {value} leaves group {gname!r} ({size} channels) with 0 channels; "
+                             f"the smallest multiplier for it is {0.5 / size:.3g}")
+        return count
 
     def is_extrapolation(self, counts: Mapping[str, int]) -> bool:
         return any(counts[g] > s for g, s in self.full.items())

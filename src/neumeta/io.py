@@ -32,18 +32,59 @@ MODEL_FORMAT = "neumeta-model/1"
 
 
 def atomic_write(path, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``path``: a crash never leaves half a file."""
+    """Call ``write(tmp_path)`` then rename onto ``path``: a crash never leaves half a file.
+
+    The temporary file is ``.{name}.{pid}.{random}.tmp`` beside ``path``; a process killed while
+    writing leaves one behind, so each write first removes those of ``path`` whose process is gone.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb") as f:  # on disk before the rename, or a power cut could leave it empty
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def _remove_stale_temporaries(path) -> None:
+    """Remove ``atomic_write``'s temporary files for ``path`` left by processes no longer alive."""
+    path = Path(path)
+    prefix = f".{path.name}."
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        pid = name[len(prefix):-len(".tmp")].split(".", 1)[0]
+        if not pid.isdigit() or _process_alive(int(pid)):
+            continue  # another naming (not ours to judge) or a write still under way
+        try:
+            os.remove(path.parent / name)
+        except OSError:  # removed meanwhile by another writer
+            pass
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name == "nt":  # there os.kill ends the process: never ask
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    except (OverflowError, OSError):
+        return True  # not a pid we can check: keep its file
+    return True
 
 
 def _contiguous(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -15,10 +15,11 @@ any order, and the TV of the whole network is the sum of the groups' TVs. A path
 directions of equal TV; we align it so that the channel with the smaller feature norm comes
 first, which makes the result a function of the weights alone.
 
-torch-pruning's ``DependencyGraph`` says which tensors are coupled (as in ``neumeta.groups``).
-Each group item lists positions along one tensor axis and the group channel ("root") each
-position belongs to; a layer after a flatten has several positions per channel, and a
-concatenation maps each part of a consumer's input to the channels of its own producer.
+``neumeta.graph`` says which tensors are coupled, read from torch-pruning's ``DependencyGraph``
+exactly as ``WidthSpace`` reads it. Each coupling lists positions along one tensor axis and the
+group channel ("root") each position belongs to; a layer after a flatten has several positions
+per channel, and a concatenation maps each part of a consumer's input to the channels of its
+own producer.
 """
 from __future__ import annotations
 
@@ -30,14 +31,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn as nn
-import torch_pruning as tp
 
-from .groups import MORPHABLE_TYPES, _as_tuple, _flatten, _output_modules, group_name
+from .graph import ChannelGroup, _as_tuple, _tensors as _flatten, channel_graph
 from .tsp import path_length, solve_open_path
 
 __all__ = ["GroupTV", "SmoothReport", "TotalVariation", "smooth", "total_variation"]
-
-_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,23 +86,23 @@ class SmoothReport:
 # Public functions
 # ----------------------------------------------------------------------------------------------
 
-def total_variation(model: nn.Module, example_inputs,
-                    groups: Optional[Sequence[str]] = None) -> TotalVariation:
+def total_variation(model: nn.Module, example_inputs, groups: Optional[Sequence[str]] = None,
+                    fixed: Sequence[str] = ()) -> TotalVariation:
     """TV of ``model`` along each channel group (all of them, or the ``groups`` named).
 
     For a group of C channels, TV is the sum over every tensor slice of the group of the L1
     distance between the slices of neighbouring channels: a conv's output rows, its bias, the
     BatchNorm parameters and running statistics after it, the consumers' input columns (every
-    column a channel owns after a flatten). The model is not modified.
+    column a channel owns after a flatten). The model is not modified. ``fixed`` as in ``smooth``.
     """
-    plan = _trace(copy.deepcopy(model), example_inputs, groups)
+    plan = _trace(copy.deepcopy(model), example_inputs, groups, fixed)
     per_group = {g.name: _group_tv(g, np.arange(g.size)) for g in plan}
     return TotalVariation(sum(per_group.values()), per_group)
 
 
 def smooth(model: nn.Module, example_inputs, seed: int = 0,
            groups: Optional[Sequence[str]] = None, time_limit: Optional[float] = None,
-           check: bool = True) -> Tuple[nn.Module, SmoothReport]:
+           check: bool = True, fixed: Sequence[str] = ()) -> Tuple[nn.Module, SmoothReport]:
     """A copy of ``model`` with the channels of every group reordered to lower TV; same function.
 
     For each group: the feature vector of a channel is every coupled tensor's slice on that
@@ -132,13 +130,16 @@ def smooth(model: nn.Module, example_inputs, seed: int = 0,
         check: run ``example_inputs`` through both networks (eval mode) and raise ValueError,
             naming the group, if an output changed: a safety net for models whose coupling
             torch-pruning does not trace correctly (e.g. a residual add of the raw input).
+        fixed: names of layers whose output channels are never permuted, on top of the output
+            layers found automatically; needed where the output is computed in a way the
+            reader cannot follow (it says so), as for ``WidthSpace(fixed=...)``.
 
     Returns:
         The permuted copy (same training mode as ``model``) and a ``SmoothReport``.
     """
     start = time.perf_counter()
     smoothed = copy.deepcopy(model)
-    plan = _trace(smoothed, example_inputs, groups)
+    plan = _trace(smoothed, example_inputs, groups, fixed)
     reference = _outputs(smoothed, example_inputs) if check else None
 
     deadline = None if time_limit is None else start + time_limit
@@ -191,121 +192,53 @@ class _Group:
     members: List[str]        # modules whose output channels are in the group
 
 
-def _trace(model: nn.Module, example_inputs, wanted: Optional[Sequence[str]]) -> List[_Group]:
-    """The channel groups of ``model`` (as WidthSpace finds them) with their tensor slices.
+def _trace(model: nn.Module, example_inputs, wanted: Optional[Sequence[str]],
+           fixed: Sequence[str] = ()) -> List[_Group]:
+    """The channel groups of ``model`` (``neumeta.graph``, as WidthSpace reads them) chosen by
+    ``wanted``, with every coupled tensor's slices.
 
-    Tracing runs in eval mode (a training-mode forward would update BatchNorm statistics) with
-    gradients on (torch-pruning follows the autograd graph); both are restored afterwards.
+    Everything the reader couples to a group is permuted with it: layer weights and biases,
+    norm statistics and affine vectors, PReLU slopes, loose parameters. A coupling that cannot
+    be permuted is an error only in a group that is smoothed.
     """
-    modes = {m: m.training for m in model.modules()}
-    grads = {p: p.requires_grad for p in model.parameters()}
-    model.eval()
-    for p in grads:
-        p.requires_grad_(True)
-    try:
-        outputs = set(_output_modules(model, example_inputs))
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
-        ignored = [m for n, m in model.named_modules() if n in outputs]
-        tp_groups = list(graph.get_all_groups(ignored_layers=ignored,
-                                              root_module_types=MORPHABLE_TYPES))
-    finally:
-        for m, mode in modes.items():
-            m.train(mode)
-        for p, flag in grads.items():
-            p.requires_grad_(flag)
-
-    names = {m: n for n, m in model.named_modules()}
-    param_names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    graph = channel_graph(model, example_inputs, fixed)
+    modules = dict(model.named_modules())
     claimed: Dict[Tuple[int, int], Dict[int, str]] = {}  # (tensor id, axis) -> position -> group
     plan = []
-    for tp_group in tp_groups:
-        gname = group_name(tp_group, names)
-        size = len(tp_group.items[0].idxs)
-        slices, sets, members, seen = [], [], [], {}
-        for item in tp_group.items:
-            target = item.dep.target.module
-            handler = getattr(item.dep.handler, "__name__", "")
-            side = "out" if "out_channels" in handler else "in" if "in_channels" in handler else None
-            if any(r is None for r in item.root_idxs):
-                raise ValueError(f"group {gname!r}: torch-pruning gives no channel mapping for "
-                                 f"{names.get(target, type(target).__name__)!r}; cannot smooth it")
-            pairs = list(zip(map(int, item.idxs), map(int, item.root_idxs)))
+    for group in _select(list(graph.groups), wanted):
+        slices, sets, seen = [], [], {}
+        for coupling in group.couplings:
+            if coupling.problem:
+                raise ValueError(f"{coupling.problem}; cannot smooth group {group.name!r} "
+                                 "(leave it out with groups=[...])")
+            pairs = list(zip(coupling.positions, coupling.channels))
             if not pairs:
                 continue
-            if isinstance(target, nn.Parameter):
-                tensors = [(param_names[id(target)], target, _only_axis(target, param_names[id(target)]))]
-            elif target in names:
-                mname = names[target]
-                if side == "out" and isinstance(target, MORPHABLE_TYPES):
-                    members.append(mname)
-                tensors = [(f"{mname}.{attr}" if mname else attr, getattr(target, attr), axis)
-                           for attr, axis in _coupled_tensors(target, mname, side)]
-                sets += _norm_blocks(target, pairs)
-            else:
-                continue  # torch-pruning's own nodes (add, cat, reshape, ...): no tensors
-            for tname, tensor, axis in tensors:
+            if isinstance(modules.get(coupling.module), nn.GroupNorm):
+                sets += _norm_blocks(modules[coupling.module], pairs)
+            for tname, axis in coupling.tensors:
+                tensor = _tensor(model, tname)
                 key = (id(tensor), axis)
                 if key in seen:  # the same tensor reached twice (depthwise conv, tied weights)
                     if seen[key] != sorted(pairs):
-                        raise ValueError(f"group {gname!r}: {tname!r} axis {axis} is reached with "
+                        raise ValueError(f"group {group.name!r}: {tname!r} axis {axis} is reached with "
                                          "two different channel maps; cannot smooth it")
                     continue
                 owners = claimed.setdefault(key, {})
                 for pos, _ in pairs:
-                    if owners.setdefault(pos, gname) != gname:
+                    if owners.setdefault(pos, group.name) != group.name:
                         raise ValueError(f"{tname!r} axis {axis} position {pos} belongs to groups "
-                                         f"{owners[pos]!r} and {gname!r}; cannot smooth them")
+                                         f"{owners[pos]!r} and {group.name!r}; cannot smooth them")
                 seen[key] = sorted(pairs)
-                slices.append(_make_slice(tname, tensor, axis, pairs, size, gname))
+                slices.append(_make_slice(tname, tensor, axis, pairs, group.size, group.name))
         sets += [s.roots for s in slices]
-        plan.append(_Group(gname, size, slices, _blocks(size, sets), members))
-    order = {n: i for i, n in enumerate(names.values())}
-    plan.sort(key=lambda g: order[g.name])
-    return _select(plan, wanted)
+        plan.append(_Group(group.name, group.size, slices, _blocks(group.size, sets), list(group.producers)))
+    return plan
 
 
-def _coupled_tensors(module: nn.Module, name: str, side: Optional[str]) -> List[Tuple[str, int]]:
-    """(attribute, axis) of each tensor of ``module`` with one slice per channel on ``side``.
-
-    Conv/Linear weights are [out, in, ...], ConvTranspose weights [in, out, ...]; a depthwise
-    conv (groups == in == out) couples its input and output channels, both along axis 0 (its
-    axis 1 has size 1). Any other module may only hold per-channel vectors (BatchNorm,
-    GroupNorm and LayerNorm over channels, PReLU with one slope per channel, ...) or scalars.
-    """
-    kind = type(module).__name__
-    if isinstance(module, MORPHABLE_TYPES):
-        groups = getattr(module, "groups", 1)
-        depthwise = groups > 1 and groups == module.in_channels == module.out_channels
-        if groups > 1 and not depthwise:
-            raise ValueError(f"module {name!r} ({kind}): grouped convolution (groups={groups}) "
-                             "cannot be smoothed; only depthwise (groups == channels) can")
-        if side is None:
-            raise ValueError(f"module {name!r} ({kind}): torch-pruning couples it to a channel "
-                             "group in a way smooth does not know")
-        if side == "out" or depthwise:
-            axis = 1 if isinstance(module, _CONV_T) and not depthwise else 0
-            return [("weight", axis)] + ([("bias", 0)] if module.bias is not None else [])
-        return [("weight", 0 if isinstance(module, _CONV_T) else 1)]
-    coupled = []
-    own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
-    for attr, tensor in own:
-        if tensor is None or tensor.numel() <= 1:
-            continue  # a scalar (PReLU's single slope, BatchNorm's batch counter) is shared
-        if tensor.dim() != 1:
-            raise ValueError(f"module {name!r} ({kind}) has {attr!r} of shape "
-                             f"{tuple(tensor.shape)} tied to the channels of a group; smooth only "
-                             "permutes per-channel vectors (exclude the group with groups=)")
-        coupled.append((attr, 0))
-    return coupled
-
-
-def _only_axis(param: torch.Tensor, name: str) -> int:
-    """The channel axis of a parameter used outside a module (e.g. ``x * self.scale``)."""
-    axes = [a for a, n in enumerate(param.shape) if n > 1]
-    if len(axes) != 1:
-        raise ValueError(f"parameter {name!r} of shape {tuple(param.shape)} is tied to a channel "
-                         "group along an unknown axis; wrap it in a module or exclude the group")
-    return axes[0]
+def _tensor(model: nn.Module, name: str) -> torch.Tensor:
+    owner, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(owner), attr)
 
 
 def _norm_blocks(module: nn.Module, pairs) -> List[np.ndarray]:
@@ -356,17 +289,18 @@ def _blocks(size: int, sets: List[np.ndarray]) -> List[np.ndarray]:
     return sorted(blocks, key=lambda block: block[0])
 
 
-def _select(plan: List[_Group], wanted: Optional[Sequence[str]]) -> List[_Group]:
+def _select(groups: List[ChannelGroup], wanted: Optional[Sequence[str]]) -> List[ChannelGroup]:
+    """The groups named in ``wanted`` (a group's name, or the name of a layer producing it)."""
     if wanted is None:
-        return plan
+        return groups
     chosen = set()
     for name in wanted:
-        hits = [g.name for g in plan if g.name == name] or [g.name for g in plan if name in g.members]
+        hits = [g.name for g in groups if g.name == name] or [g.name for g in groups if name in g.producers]
         if len(hits) != 1:
             raise KeyError(f"unknown channel group {name!r}; groups are: "
-                           f"{', '.join(g.name for g in plan) or '(none)'}")
+                           f"{', '.join(g.name for g in groups) or '(none)'}")
         chosen.add(hits[0])
-    return [g for g in plan if g.name in chosen]
+    return [g for g in groups if g.name in chosen]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,9 +21,20 @@ runs the batch through it with ``torch.func.functional_call`` and minimises
               plus KL(f_original || f_s) with ``original_distill`` (the default)
 
 Adam with a constant-LR reconstruction-only pre-fit, then a linear warm-up and a cosine
-decay; an EMA of the INR is what gets evaluated and returned. Checkpoints are written
-atomically at every evaluation and ``resume=True`` continues from them. Under torchrun the
-gradients are averaged over processes and rank 0 alone writes and prints.
+decay; an EMA of the INR is what gets evaluated and returned.
+
+Checkpoints (``neumeta.checkpoint``: safetensors plus JSON, no pickle, so a crafted file is
+refused rather than run) are written atomically at every evaluation, with the full training
+state: INR, EMA, optimizer, schedule, every random generator (CPU and CUDA) and the history.
+``resume=True`` continues one bit for bit on the CPU, ``"auto"`` if it exists, and a fresh fit
+refuses to replace one unless ``overwrite``. A checkpoint records the fit options, a hash of
+the base model's weights and the INR's shapes: resuming with other ones is refused.
+
+Under torchrun every process starts from rank 0's INR and draws the same widths and noise;
+only its data shard differs, and the gradients are averaged, so the run is one fit with a
+world-times larger batch. Validation scores are per-example means over all ranks' shards
+(uneven ones too), so every rank makes the same rollback and best-checkpoint decisions. Rank
+0 alone writes and prints; every rank resumes from the same file.
 
 The divergence guard keeps the last good state (in memory, and the checkpoint on disk): a
 non-finite loss, or a validation score that falls to chance at a trained width, rolls
@@ -37,6 +48,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import random
@@ -51,7 +63,7 @@ import torch.distributed as dist
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from .io import atomic_write
+from .checkpoint import load_checkpoint, save_checkpoint
 from .manifold import WeightManifold
 from .progress import progress_bar
 
@@ -217,6 +229,54 @@ def evaluate_widths(manifold: WeightManifold, task, batches, widths: Sequence, s
     return results
 
 
+class _CountingBatches:
+    """Iterates ``batches`` and counts the examples (the first dimension of each batch's input),
+    which tasks do not report but an exact mean over ranks' shards needs."""
+
+    def __init__(self, batches):
+        self.batches, self.examples = batches, 0
+
+    def __iter__(self):
+        for batch in self.batches:
+            self.examples += int(batch[0].shape[0])
+            yield batch
+
+
+def validation_scores(manifold: WeightManifold, task, batches, widths: Sequence, samples: int = 1,
+                      device=None) -> Dict[float, float]:
+    """``task.metric`` at each width, over the validation data of every process.
+
+    Under torch.distributed each rank evaluates its own shard (of any size, the CLI's loaders
+    split unevenly) and the per-example mean is taken over all of them: sum(metric * examples)
+    / sum(examples), all-reduced. Every rank thus gets the same numbers and makes the same
+    rollback and best-checkpoint decisions. Exact for metrics that are means over examples
+    (accuracy, ELBO); a ratio over pixels or classes (mIoU) is weighted by images instead.
+    """
+    _, world = rank_and_world()
+    if world == 1:
+        return {w: m[task.metric] for w, m in evaluate_widths(manifold, task, batches, widths, samples, device).items()}
+    device = device or manifold.device
+    template = manifold.space.model
+    sums, counts = [], []
+    for width in widths:
+        params = manifold.expected_parameters(width, samples=samples)
+        counted = _CountingBatches(batches)
+        try:
+            value = task.evaluate(lambda x: functional_call(template, params, (x,)), counted, device)[task.metric]
+        except ValueError:
+            if counted.examples:
+                raise
+            value = 0.0  # an empty shard: it adds nothing (the task refuses to evaluate no data)
+        sums.append(value * counted.examples)
+        counts.append(counted.examples)
+    totals = torch.tensor(sums + counts, dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    totals = totals.tolist()
+    if not all(totals[len(widths):]):
+        raise ValueError("validation: no process has any validation data")
+    return {w: totals[i] / totals[len(widths) + i] for i, w in enumerate(widths)}
+
+
 def endless_batches(loader, start_step: int = 0) -> Iterator:
     """Endless batches; starting at ``start_step`` replays the same epoch order as an unbroken run."""
     per_epoch = max(1, len(loader))
@@ -313,18 +373,113 @@ def check_resumable(saved: Mapping, config: FitConfig, checkpoint) -> None:
                          + "; ".join(differ) + "); fit with those options, or move the checkpoint away to start afresh")
 
 
+def base_fingerprint(manifold: WeightManifold) -> dict:
+    """What a checkpoint can only be resumed with: a hash of the base (reference) network's
+    weights, which the INR reconstructs, and the INR's parameter names and shapes."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(manifold.space.model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    inr = [[name, list(tensor.shape)] for name, tensor in manifold.state_dict().items()]
+    return {"base_sha256": digest.hexdigest(), "inr": inr}
+
+
+def check_same_base(saved: Optional[Mapping], now: Mapping, checkpoint) -> None:
+    """Refuse to resume onto another base model or INR: the rest of the run would train the
+    checkpoint's INR towards other weights, or fail deep inside load_state_dict."""
+    if saved is None:
+        return
+    differ = []
+    if saved.get("base_sha256") != now["base_sha256"]:
+        differ.append("the base model's weights differ")
+    if saved.get("inr") != now["inr"]:
+        differ.append(f"its INR has parameters {_shapes(saved.get('inr', []))}, this one {_shapes(now['inr'])}")
+    if differ:
+        raise ValueError(f"checkpoint {checkpoint} was made from another base model / manifold ("
+                         + "; ".join(differ) + "); resume with the manifold it was made from, or move the "
+                         "checkpoint away to start afresh")
+
+
+def _shapes(inr: Sequence) -> str:
+    return ", ".join(f"{name} {tuple(shape)}" for name, shape in inr)
+
+
+def resume_decision(checkpoint: Optional[str], resume, overwrite: bool) -> bool:
+    """Whether ``fit`` continues ``checkpoint``; raises, before any training, when the caller's
+    wish and the disk disagree (nothing of an earlier run is replaced unasked)."""
+    if not (isinstance(resume, bool) or resume == "auto"):
+        raise ValueError(f"resume must be True, False or 'auto', not {resume!r}")
+    if resume is not False and checkpoint is None:
+        raise ValueError(f"resume={resume!r} needs checkpoint= (the file to continue)")
+    if resume is not False and overwrite:
+        raise ValueError(f"resume={resume!r} continues the checkpoint and overwrite=True replaces it: pass one of them")
+    if checkpoint is None:
+        return False
+    if resume is True and not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"resume=True: no checkpoint {checkpoint} to continue (fit with resume=False "
+                                "to start a run, or resume='auto')")
+    if resume is False and Path(checkpoint).exists() and not overwrite:
+        raise FileExistsError(f"{checkpoint} exists (the checkpoint of an earlier fit); pass resume=True to "
+                              "continue that fit, or overwrite=True to start afresh and replace it")
+    return resume is not False and Path(checkpoint).is_file()
+
+
+def torch_rng_states() -> dict:
+    """torch's generator states: the CPU one, and each CUDA device's once CUDA is in use (as CPU
+    ByteTensors, which is what the setters expect)."""
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_torch_rng_states(states: Mapping) -> None:
+    torch.set_rng_state(states["cpu"].cpu())
+    cuda = states.get("cuda")
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda[:torch.cuda.device_count()]])
+
+
+def share_rank0_weights(manifold: WeightManifold, base_sha256: str) -> None:
+    """Every process starts from rank 0's INR (parameters and buffers), however each one
+    initialised its own; the base network (``base_sha256``, its hash here) must already agree,
+    which is checked."""
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, base_sha256)
+    if len(set(everyone)) > 1:  # every rank sees the same list, so all raise together
+        raise ValueError("fit under torch.distributed: the processes hold different base models (their "
+                         "weights' hashes differ); build the manifold from the same base network on every rank")
+    with torch.no_grad():
+        for tensor in [*manifold.parameters(), *manifold.buffers()]:
+            dist.broadcast(tensor, src=0)
+
+
 def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: FitConfig = FitConfig(),
-        checkpoint: Optional[str] = None, resume: bool = False, progress: bool = True) -> FitResult:
+        checkpoint: Optional[str] = None, resume=False, overwrite: bool = False,
+        progress: bool = True) -> FitResult:
     """Train ``manifold`` on ``task``; returns the best EMA manifold on the validation data.
 
     ``train_loader`` yields batches whose first element is the network's input; ``task`` gives
     ``loss(outputs, batch)``, ``distill(student, teacher)``, ``evaluate(fn, batches, device)``,
     ``metric`` (higher is better) and ``chance`` (the metric of a network that guesses).
+
+    ``checkpoint`` is written at every evaluation. ``resume``: True continues it (it must
+    exist), "auto" continues it if it exists, False starts afresh and refuses to replace an
+    existing one unless ``overwrite``.
     """
     rank, world = rank_and_world()
+    resuming = resume_decision(checkpoint, resume, overwrite)
     device = manifold.device
-    torch.manual_seed(config.seed + rank)
-    rng = random.Random(config.seed * 1000 + rank)
+    # The same seeds on every rank: ranks differ only in their data shard, so a torchrun fit is
+    # one fit with a world-times larger batch. Were the widths (or the coordinate noise) drawn
+    # per rank, the averaged gradient would mix sub-networks and the result would depend on the
+    # number of processes.
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed * 1000)
+    fingerprint = base_fingerprint(manifold)
+    if world > 1:
+        share_rank0_weights(manifold, fingerprint["base_sha256"])
     template = manifold.space.model
     targets = [t.to(device) for t in manifold.original_rows()]
     full = manifold.space.full
@@ -342,7 +497,7 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
     def capture() -> dict:
         return copy.deepcopy({"inr": manifold.state_dict(), "ema": ema.state_dict(),
                               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                              "rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "state": state})
+                              "rng": rng.getstate(), "torch_rng": torch_rng_states(), "state": state})
 
     def restore(saved: dict):
         manifold.load_state_dict(saved["inr"])
@@ -350,13 +505,14 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         rng.setstate(saved["rng"])
-        torch.set_rng_state(saved["torch_rng"])
+        set_torch_rng_states(saved["torch_rng"])
         state.clear()
         state.update(copy.deepcopy(saved["state"]))
 
-    if resume and checkpoint and Path(checkpoint).exists():
-        saved = torch.load(checkpoint, map_location=device, weights_only=False)
+    if resuming:
+        saved = load_checkpoint(checkpoint)  # every rank reads the same file: all continue alike
         check_resumable(saved.get("config", {}), config, checkpoint)
+        check_same_base(saved.get("fingerprint"), fingerprint, checkpoint)
         restore(saved)
     good = capture()  # the divergence guard's rollback point
 
@@ -388,8 +544,7 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
         """Validate, keep the best, write the checkpoint; returns why the run collapsed, if it did."""
         nonlocal good
         if val_loader is not None:
-            scores = evaluate_widths(ema, task, val_loader, config.validated_widths, config.eval_samples, device)
-            values = {w: m[task.metric] for w, m in scores.items()}
+            values = validation_scores(ema, task, val_loader, config.validated_widths, config.eval_samples, device)
             row = {"step": step, **{f"val_{task.metric}@{w:g}": v for w, v in values.items()}}
             if rank == 0 and progress:
                 tqdm.write("step %d: " % step + ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "step"))
@@ -413,9 +568,11 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
                              best={k: v.detach().clone() for k, v in ema.state_dict().items()})
         state["step"] = step
         good = capture()
-        if checkpoint and rank == 0:
-            payload = dict(good, config=dataclasses.asdict(config))
-            atomic_write(checkpoint, lambda tmp: torch.save(payload, tmp))
+        if checkpoint:
+            if rank == 0:
+                save_checkpoint(checkpoint, dict(good, config=dataclasses.asdict(config), fingerprint=fingerprint))
+            if world > 1:  # when fit returns (or fails) anywhere, the checkpoint is on disk
+                dist.barrier()
         return None
 
     original_outputs = None

@@ -11,8 +11,8 @@ from .fashion_mnist import find_fashion_mnist
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m neumeta.data", description=__doc__.split("\n")[0])
-    parser.add_argument("--data-dir", help="folder to look in first (else $NEUMETA_DATA_DIR, the Debian "
-                                           "package's folder, ~/.cache/neumeta)")
+    parser.add_argument("--data-dir", help="the folder to look in, and the only one (default: "
+                                           "$NEUMETA_DATA_DIR, else the Debian package's folder, ~/.cache/neumeta)")
     parser.add_argument("--no-download", action="store_true", help="only look, never download")
     parser.add_argument("--quiet", action="store_true", help="print nothing; the exit status tells")
     args = parser.parse_args(argv)

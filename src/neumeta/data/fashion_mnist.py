@@ -57,8 +57,9 @@ def load_fashion_mnist(
 ) -> Splits:
     """Find (or download) Fashion-MNIST and return seeded, disjoint train / val splits plus test.
 
-    Looks in `data_dir`, then $NEUMETA_DATA_DIR, then the Debian package's directory, then the
-    user cache, and finally downloads into the user cache when `download` is true.
+    Looks only in `data_dir` (else $NEUMETA_DATA_DIR) when one is named; otherwise in the Debian
+    package's directory, then the user cache, and finally downloads into the user cache when
+    `download` is true.
     """
     if val_size < 0:
         raise ValueError(f"val_size must be >= 0, got {val_size}")
@@ -92,9 +93,17 @@ def fashion_mnist_available(data_dir=None) -> bool:
 
 
 def find_fashion_mnist(data_dir=None, download: bool = True) -> dict:
-    """Map each of the four file names to an existing path, or raise FileNotFoundError saying why."""
+    """Map each of the four file names to an existing path, or raise FileNotFoundError saying why.
+
+    A folder the user names (``data_dir``, else $NEUMETA_DATA_DIR) is the only place looked in:
+    training on other data than the one asked for would be silently wrong. Without one, the
+    Debian package's folder, then the user cache, then a download into that cache.
+    """
+    named = _named_dir(data_dir)
+    if named is not None:
+        return _files_in_named(*named)
     looked_in: List[Path] = []
-    for directory in _candidate_dirs(data_dir):
+    for directory in (SYSTEM_DIR, CACHE_DIR.expanduser()):
         looked_in.append(directory)
         files = _files_in(directory)
         if files is not None:
@@ -127,18 +136,31 @@ def find_fashion_mnist(data_dir=None, download: bool = True) -> dict:
     raise FileNotFoundError(message)
 
 
-def _candidate_dirs(data_dir) -> List[Path]:
-    """Directories to search, in order; each given directory also has its fashion-mnist subfolder tried."""
-    roots = []
-    if data_dir is not None:
-        roots.append(Path(data_dir).expanduser())
+def _named_dir(data_dir) -> Optional[Tuple[Path, str]]:
+    """(folder, how it was named) where the user named one: ``data_dir``, else $NEUMETA_DATA_DIR."""
+    if data_dir is not None and str(data_dir) != "":
+        return Path(data_dir).expanduser(), "--data-dir"
     if os.environ.get(DATA_DIR_ENV):
-        roots.append(Path(os.environ[DATA_DIR_ENV]).expanduser())
-    candidates = []
-    for root in roots:
-        candidates += [root, root / "fashion-mnist"]
-    candidates += [SYSTEM_DIR, CACHE_DIR.expanduser()]
-    return candidates
+        return Path(os.environ[DATA_DIR_ENV]).expanduser(), f"${DATA_DIR_ENV}"
+    return None
+
+
+def _files_in_named(root: Path, option: str) -> dict:
+    """The four files in a folder the user named (or its fashion-mnist subfolder), else an error
+    naming the folder and what it lacks."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"{option} {root}: no such folder (when a folder is named, Fashion-MNIST is "
+                                f"looked for only there; leave {option} out to use the default places)")
+    folders = (root, root / "fashion-mnist")
+    for directory in folders:
+        files = _files_in(directory)
+        if files is not None:
+            return files
+    missing = [name for name in FILE_NAMES
+               if not any((d / n).is_file() for d in folders for n in (name, f"{name}.gz"))]
+    raise FileNotFoundError(f"{option} {root}: Fashion-MNIST is not there: missing {', '.join(missing)} "
+                            f"(optionally .gz) in the folder or its fashion-mnist/ subfolder; leave {option} "
+                            "out to use the Debian package's folder, the cache or a download")
 
 
 def _files_in(directory: Path) -> Optional[dict]:
