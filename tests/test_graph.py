@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import neumeta as nm
 from neumeta.graph import channel_graph
 from neumeta.smooth import _trace
+from test_smooth import randomise_norms  # random norm and PReLU parameters, as if trained
 
 
 class NormsInTheMiddle(nn.Module):
@@ -43,20 +44,6 @@ class LayerNormMLP(nn.Module):
         return self.head(torch.relu(self.fc3(x)))
 
 
-def trained_looking(model):
-    """Random norm and PReLU parameters, so a wrong permutation would show in the output."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm2d)):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.3)
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.3)
-                m.running_var.uniform_(0.5, 1.5)
-            if isinstance(m, nn.PReLU):
-                m.weight.uniform_(-0.5, 0.5)
-    return model.eval()
 
 
 CASES = {  # model, example input, {group: (module, class name) WidthSpace cannot resize}
@@ -68,7 +55,7 @@ CASES = {  # model, example input, {group: (module, class name) WidthSpace canno
 @pytest.fixture(params=sorted(CASES))
 def case(request):
     cls, shape, refused = CASES[request.param]
-    model = nm.fold_batchnorm(trained_looking(cls()))  # WidthSpace folds BatchNorm: compare alike
+    model = nm.fold_batchnorm(randomise_norms(cls()))  # WidthSpace folds BatchNorm: compare alike
     return model, torch.randn(shape), refused
 
 
