@@ -78,6 +78,8 @@ HELP = {
     "hidden": "INR hidden width",
     "depth": "INR linear layers per block",
     "frequencies": "Fourier feature frequencies",
+    "residual": "the INR learns a correction on top of the reference weights resampled to the width, so full "
+                "width is the reference network exactly until training moves it",
     # commands
     "base": "the trained full-width model (written by `neumeta train-base`)",
     "checkpoint": "training checkpoint (written atomically at every validation; default: OUT.ckpt)",

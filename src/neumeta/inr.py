@@ -16,10 +16,16 @@ import torch.nn as nn
 
 @dataclass(frozen=True)
 class INRConfig:
-    """Shape of the INR: ``depth`` linear layers (input, depth-2 residual hidden, output)."""
+    """Shape of the INR: ``depth`` linear layers (input, depth-2 residual hidden, output).
+
+    residual: the INR outputs a correction on top of the reference weights resampled to the
+        width (``neumeta.resample``) instead of the weights themselves; its last layer starts at
+        zero, so full width is the reference network exactly until training moves it.
+    """
     hidden: int = 256
     depth: int = 5
     frequencies: int = 16
+    residual: bool = False
 
     def __post_init__(self):
         if self.depth < 2 or self.hidden < 1 or self.frequencies < 0:

@@ -17,6 +17,7 @@ from .calibrate import Reference, calibrate, measure_reference
 from .coords import CoordConfig, tensor_coordinates
 from .groups import MorphLayer, Width, WidthSpace
 from .inr import BlockMLP, FourierFeatures, INRConfig
+from .resample import resampled_rows
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,12 @@ class WeightManifold(nn.Module):
             fan = 1 if s.bias else space.layer_channels(s.layer, full)[0]
             scale.append(max(float(w.std()) if w.numel() > 1 else float(w.abs().mean()), 1e-3) * fan)
         self.register_buffer("output_scale", torch.tensor(scale, dtype=torch.float32))
+        if inr.residual:  # a correction that starts at zero: full width is the reference exactly
+            with torch.no_grad():
+                self.inr.w_out.zero_()
+                self.inr.b_out.zero_()
         self._coord_cache: Dict[tuple, list] = {}
+        self._base_cache: Dict[tuple, list] = {}
         self._noise_counts: Optional[Dict[str, int]] = None
 
     @property
@@ -141,6 +147,7 @@ class WeightManifold(nn.Module):
         """Keep the reference network on the same device/dtype as the INR."""
         self.space.model._apply(fn, *args, **kwargs)
         self._coord_cache.clear()
+        self._base_cache.clear()
         return super()._apply(fn, *args, **kwargs)
 
     @property
@@ -164,6 +171,16 @@ class WeightManifold(nn.Module):
                 tables.append((coords.to(self.device), noise.to(self.device)))
             self._coord_cache[key] = tables
         return self._coord_cache[key]
+
+    def _base_rows(self, counts: Mapping[str, int]) -> List[torch.Tensor]:
+        """The reference weights resampled to ``counts``, row layout (what a residual INR corrects)."""
+        key = tuple(sorted(counts.items()))
+        if key not in self._base_cache:
+            if len(self._base_cache) > 64:
+                self._base_cache.clear()
+            self._base_cache[key] = [resampled_rows(s.layer, rows, counts, s.bias)
+                                     for s, rows in zip(self.specs, self.original_rows())]
+        return self._base_cache[key]
 
     def _rows_to_tensor(self, s: TensorSpec, rows: torch.Tensor, counts: Mapping[str, int]) -> torch.Tensor:
         c_in, c_out = self.space.layer_channels(s.layer, counts)
@@ -210,11 +227,14 @@ class WeightManifold(nn.Module):
             feats.append(self.fourier(coords))
         batched = self.batched if self.batched is not None else self.device.type == "cuda"
         outputs = self.inr(feats, [s.block for s in self.specs], batched=batched)
+        base = self._base_rows(counts) if self.inr_config.residual else None
         values = []
-        for s, out in zip(self.specs, outputs):
+        for i, (s, out) in enumerate(zip(self.specs, outputs)):
             v = out.index_select(1, getattr(self, f"crop_{s.block}")) * self.output_scale[s.block]
             if not s.bias:
                 v = v / self.space.layer_channels(s.layer, counts)[0]
+            if base is not None:
+                v = v + (base[i] if rows is None else base[i][rows[i]])
             values.append(v)
         return values
 

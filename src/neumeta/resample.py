@@ -1,0 +1,56 @@
+"""The reference weights resampled to any width: what a residual INR corrects.
+
+With ``INRConfig(residual=True)`` the manifold's weights are ``resample(W0, width) + INR(coords)``.
+``resample`` is the identity at full width, so there the INR only has to output zero (and starts
+at zero), and the network the manifold was built from comes back exactly. At a narrower width
+each channel stands for the full channels of its cell, as the coordinates already say (channel
+``j`` of ``C`` sits at ``(j + 1/2)/C``): its outgoing weights are their mean, and a consumer's
+weights on it are their sum, so a cell of similar channels (what smoothing makes neighbours)
+keeps its pre-activations. At a wider width (extrapolation) each channel copies the full channel
+at its coordinate and consumers share that channel's weight among its copies.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from .groups import MorphLayer, Segment
+
+
+def membership(count: int, full: int) -> torch.Tensor:
+    """[count, full] 0/1: which full-width channels each of ``count`` channels stands for."""
+    if count <= full:  # narrower: full channel j falls in the cell of its centre
+        cell = ((torch.arange(full, dtype=torch.float64) + 0.5) * count / full).long().clamp(max=count - 1)
+        rows, cols = cell, torch.arange(full)
+    else:  # wider: each channel copies the full channel at its centre
+        rows = torch.arange(count)
+        cols = ((torch.arange(count, dtype=torch.float64) + 0.5) * full / count).long().clamp(max=full - 1)
+    b = torch.zeros(count, full, dtype=torch.float64)
+    b[rows, cols] = 1.0
+    return b
+
+
+def _dimension(segments: Sequence[Segment], counts: Mapping[str, int], outgoing: bool) -> torch.Tensor:
+    """Block-diagonal [channels at counts, full channels] map of one weight dimension: the mean
+    over a cell for a layer's outputs, the sum (shared among copies) for its inputs."""
+    blocks = []
+    for seg in segments:
+        if seg.group is None:
+            blocks.append(torch.eye(seg.channels, dtype=torch.float64))
+            continue
+        b = membership(counts[seg.group], seg.channels)
+        blocks.append(b / b.sum(1, keepdim=True) if outgoing else b / b.sum(0, keepdim=True))
+    return torch.block_diag(*blocks)
+
+
+def resampled_rows(layer: MorphLayer, rows: torch.Tensor, counts: Mapping[str, int], bias: bool) -> torch.Tensor:
+    """Full-width rows ``[C_out * C_in, elements]`` of one tensor (a bias: ``[C_out, elements]``)
+    as rows at ``counts``: the outputs averaged over their cell, the inputs summed."""
+    out = _dimension(layer.out, counts, outgoing=True).to(rows)
+    if bias or layer.depthwise:  # one row per output channel (a depthwise kernel reads one input)
+        return out @ rows
+    inp = _dimension(layer.inp, counts, outgoing=False).to(rows)
+    c_out, c_in = out.shape[1], inp.shape[1]
+    w = rows.reshape(c_out, c_in, -1)
+    return torch.einsum("oj,ik,jke->oie", out, inp, w).reshape(out.shape[0] * inp.shape[0], -1)
