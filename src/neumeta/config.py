@@ -28,7 +28,8 @@ from .recipes import RECIPES, merge_recipe
 
 HELP = {
     # data
-    "dataset": "dataset name (fashion-mnist)",
+    "dataset": "dataset: fashion-mnist, fashion-mnist-32x3 (the same images padded to 32x32, 3 channels, for "
+               "CIFAR-style networks), cifar10 or cifar100 (their python-version files in --data-dir)",
     "data_dir": "folder with the dataset files, the only place looked in when given (default: "
                 "$NEUMETA_DATA_DIR, else the Debian package's folder, ~/.cache/neumeta, then download)",
     "val_size": "training images held out for validation (model selection); the test split is only for final tables",

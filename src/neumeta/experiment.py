@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import json
 import time
@@ -18,7 +19,7 @@ import torch
 
 from .calibrate import calibration_inputs
 from .coords import CoordConfig
-from .data import TensorLoader, load_fashion_mnist
+from .data import TensorLoader, load_cifar, load_fashion_mnist, load_fashion_mnist_32x3
 from .fold import fold_batchnorm
 from .groups import WidthSpace
 from .smooth import smooth
@@ -30,7 +31,14 @@ from .supervised import train_supervised
 from .tasks import ClassificationTask
 from .train import FitConfig, rank_and_world, fit
 
-DATASETS = {"fashion-mnist": dict(loader=load_fashion_mnist, num_classes=10, input_shape=(1, 28, 28))}
+DATASETS = {
+    "fashion-mnist": dict(loader=load_fashion_mnist, num_classes=10, input_shape=(1, 28, 28)),
+    # the real Fashion-MNIST images shaped like CIFAR's (padded, 3 channels), for CIFAR-style networks
+    "fashion-mnist-32x3": dict(loader=load_fashion_mnist_32x3, num_classes=10, input_shape=(3, 32, 32)),
+    # from their "python version" files in --data-dir (nothing is downloaded)
+    "cifar10": dict(loader=functools.partial(load_cifar, 10), num_classes=10, input_shape=(3, 32, 32)),
+    "cifar100": dict(loader=functools.partial(load_cifar, 100), num_classes=100, input_shape=(3, 32, 32)),
+}
 
 
 @dataclass

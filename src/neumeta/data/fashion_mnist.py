@@ -11,13 +11,13 @@ import http.client
 import os
 import tempfile
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 import torch
 
 from .idx import read_idx
+from .splits import Split, Splits, hold_out
 
 # Per-pixel mean and std of the 60k Fashion-MNIST training images, with pixels scaled to [0, 1].
 # Fixed constants rather than recomputed, so every split and every run is normalised the same way.
@@ -40,18 +40,6 @@ DATA_DIR_ENV = "NEUMETA_DATA_DIR"
 DOWNLOAD_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 DOWNLOAD_TIMEOUT_S = 60
 
-Split = Tuple[torch.Tensor, torch.Tensor]
-
-
-@dataclass
-class Splits:
-    """The three splits, each (images float32 [N,1,28,28] normalised, labels int64 [N])."""
-
-    train: Split
-    val: Split
-    test: Split
-
-
 def load_fashion_mnist(
     data_dir=None, val_size: int = 5000, seed: int = 0, download: bool = True
 ) -> Splits:
@@ -63,24 +51,9 @@ def load_fashion_mnist(
     """
     if val_size < 0:
         raise ValueError(f"val_size must be >= 0, got {val_size}")
-
     files = find_fashion_mnist(data_dir, download)
-    train_x, train_y = _read_split(files[TRAIN_IMAGES], files[TRAIN_LABELS])
-    test_x, test_y = _read_split(files[TEST_IMAGES], files[TEST_LABELS])
-
-    if val_size >= len(train_x):
-        raise ValueError(f"val_size {val_size} leaves no training images (only {len(train_x)} in total)")
-    generator = torch.Generator().manual_seed(seed)
-    permutation = torch.randperm(len(train_x), generator=generator)
-    # Sorted so each split keeps file order; the loaders shuffle anyway.
-    val_index = permutation[:val_size].sort().values
-    train_index = permutation[val_size:].sort().values
-
-    return Splits(
-        train=(train_x[train_index], train_y[train_index]),
-        val=(train_x[val_index], train_y[val_index]),
-        test=(test_x, test_y),
-    )
+    return hold_out(_read_split(files[TRAIN_IMAGES], files[TRAIN_LABELS]),
+                    _read_split(files[TEST_IMAGES], files[TEST_LABELS]), val_size, seed)
 
 
 def fashion_mnist_available(data_dir=None) -> bool:
@@ -218,3 +191,18 @@ def _read_split(images_path: Path, labels_path: Path) -> Split:
     x = x.div_(255.0).sub_(FASHION_MNIST_MEAN).div_(FASHION_MNIST_STD)
     y = torch.from_numpy(labels).to(torch.int64)
     return x, y
+
+
+def load_fashion_mnist_32x3(data_dir=None, val_size: int = 5000, seed: int = 0, download: bool = True) -> Splits:
+    """A stand-in for CIFAR-shaped data where CIFAR cannot be had: the real Fashion-MNIST images,
+    padded with black to 32x32 and repeated over 3 channels, so a CIFAR-style network (3x32x32
+    inputs) trains and is measured on real images. It is Fashion-MNIST, not CIFAR: its numbers
+    are not comparable with CIFAR's."""
+    splits = load_fashion_mnist(data_dir, val_size, seed, download)
+    black = (0.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD  # a black pixel, normalised
+
+    def widen(split: Split) -> Split:
+        x, y = split
+        pad = (32 - IMAGE_SIZE) // 2
+        return torch.nn.functional.pad(x, (pad, pad, pad, pad), value=black).expand(-1, 3, -1, -1).contiguous(), y
+    return Splits(train=widen(splits.train), val=widen(splits.val), test=widen(splits.test))
