@@ -4,6 +4,9 @@ Every baseline is trained on an ``experiment.Data`` and then gives a plain ``nn.
 width ``counts`` (``{group: channels}``, the groups ``WidthSpace`` names, so every method is
 measured at the same channel counts as the manifold).
 """
+from .distill import DistillationTask, train_distilled
 from .narrow import first_channels, narrow_copy, pruning_groups
+from .pruning import IMPORTANCES, finetune, kept_channels, prune
 
-__all__ = ["first_channels", "narrow_copy", "pruning_groups"]
+__all__ = ["DistillationTask", "IMPORTANCES", "finetune", "first_channels", "kept_channels", "narrow_copy", "prune",
+           "pruning_groups", "train_distilled"]
