@@ -16,7 +16,7 @@ resampled (``bn="resample"``, exact at full width). Training: each step the full
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional
+from typing import Iterable, List, Optional
 
 import torch
 import torch.nn as nn

@@ -8,7 +8,6 @@ scored on the unpruned network, so the order the groups are pruned in changes no
 from __future__ import annotations
 
 import copy
-import itertools
 import numbers
 import zlib
 from typing import Callable, Dict, Iterable, List, Mapping, Optional
@@ -19,6 +18,7 @@ import torch_pruning as tp
 
 from ..progress import progress_bar
 from .narrow import narrow_copy, pruning_groups
+from .slicing import step_batches
 
 # normalizer=None: a group's scores are only ranked against each other, and the default mean
 # normalizer turns a group of all-zero scores (dead channels, zero gradients) into NaN
@@ -86,7 +86,7 @@ def finetune(model: nn.Module, data, steps: int, lr: float = 1e-3, device="cpu",
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     bar = progress_bar(total=steps, desc=desc, disable=not progress, leave=False)
-    for batch in itertools.islice(_epochs(data.train), steps):
+    for batch in step_batches(data.train, steps):
         batch = [t.to(device) for t in batch]
         loss = data.task.loss(model(batch[0]), batch)
         optimizer.zero_grad(set_to_none=True)
@@ -96,19 +96,6 @@ def finetune(model: nn.Module, data, steps: int, lr: float = 1e-3, device="cpu",
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     bar.close()
     return model.eval()
-
-
-def _epochs(loader):
-    """The loader's batches, epoch after epoch (reshuffled where it can be)."""
-    for epoch in itertools.count():
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("finetune: the training loader gives no batches")
 
 
 def _check_counts(counts: Mapping[str, int], groups: Mapping[str, tp.Group]) -> None:

@@ -27,17 +27,15 @@ from torch.func import functional_call
 from ..graph import channel_graph
 from .narrow import first_channels, narrow_copy
 
-__all__ = ["SlicedNetwork", "batchnorm_tensors", "has_batchnorm", "recalibrate_batchnorm", "step_batches"]
+__all__ = ["SlicedNetwork", "batchnorm_tensors", "first_batches", "has_batchnorm", "recalibrate_batchnorm", "reslice",
+           "step_batches"]
 
 Counts = Mapping[str, int]
 Key = Tuple[Tuple[str, int], ...]
 TensorAxis = Tuple[str, int]
-
-
-class _Owner(tuple):
-    """(group, channel, slot): the group channel a tensor position holds; ``slot`` numbers the
-    positions of one channel (a flatten-Linear holds channel c at H*W slots)."""
-    __slots__ = ()
+Owner = Tuple[str, int, int]
+"""(group, channel, slot): the group channel a tensor position holds; ``slot`` numbers the
+positions of one channel (a flatten-Linear holds channel c at H*W slots)."""
 
 
 class SlicedNetwork:
@@ -56,8 +54,8 @@ class SlicedNetwork:
         self._problems: Dict[str, str] = {}
         shapes = {n: t.shape for n, t in _named_tensors(model).items()}
         # (tensor, axis) -> owner per position; (tensor, axis) -> {owner: position}
-        self.owners: Dict[TensorAxis, List[Optional[_Owner]]] = {}
-        self.position_of: Dict[TensorAxis, Dict[_Owner, int]] = {}
+        self.owners: Dict[TensorAxis, List[Optional[Owner]]] = {}
+        self.position_of: Dict[TensorAxis, Dict[Owner, int]] = {}
         inputs, outputs = set(), set()
         for group in graph.groups:
             for coupling in group.couplings:
@@ -67,7 +65,7 @@ class SlicedNetwork:
                 slots: Dict[int, int] = {}
                 owned = []
                 for pos, ch in sorted(zip(coupling.positions, coupling.channels)):
-                    owned.append((pos, _Owner((group.name, ch, slots.get(ch, 0)))))
+                    owned.append((pos, (group.name, ch, slots.get(ch, 0))))
                     slots[ch] = slots.get(ch, 0) + 1
                 for tensor_axis in coupling.tensors:
                     (inputs if coupling.side == "in" else outputs).add(tensor_axis)

@@ -9,7 +9,8 @@ predictions, which are free and softer targets.
 BatchNorm affine parameters are shared (sliced like the weights); running statistics are not:
 no single set serves every width, so training normalises with batch statistics only and a
 width's statistics are measured after training (``calibrate``), in train mode over a few
-batches. Measured in eval mode they would be the stale full-width ones again.
+batches (an eval-mode pass reads the running statistics and never updates them, so "calibrating"
+in eval mode would leave the stale ones in place).
 """
 from __future__ import annotations
 
