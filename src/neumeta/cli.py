@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 from .config import ConfigError, add_options, load_config
+from .compare import CompareConfig
 from .coords import CoordConfig
 from .experiment import (DataConfig, DemoConfig, build_manifold, check_model_fits_data, count_parameters, load_data,
                          run_demo, train_base)
@@ -302,6 +303,12 @@ def cmd_demo(c: DemoConfig) -> None:
     run_demo(c)
 
 
+def cmd_compare(c) -> None:
+    from .compare import compare
+    check_output_file(Path(c.out_dir) / "table.md", "--out-dir")
+    print(compare(c))
+
+
 def cmd_list_models(_args) -> None:
     from .models import list_models
     print("\n".join(list_models()))
@@ -314,6 +321,8 @@ COMMANDS = {
     "eval": (EvalConfig, cmd_eval, "accuracy of networks sampled at several widths"),
     "smooth": (SmoothConfig, cmd_smooth, "reorder channels to lower total variation (same function)"),
     "demo": (DemoConfig, cmd_demo, "LeNet / Fashion-MNIST end to end: manifold vs individual models"),
+    "compare": (CompareConfig, cmd_compare, "NeuMeta against pruning, Slimmable, US-Nets, distillation, INN and "
+                                            "individual models: one table and one curve"),
 }
 # every command's config: what one YAML file may hold, whichever command reads it
 CONFIGS = tuple(cls for cls, _, _ in COMMANDS.values())

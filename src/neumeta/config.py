@@ -95,6 +95,12 @@ HELP = {
                  "to the full width's (neumeta.calibrate; 0 = off): several points at unseen narrow widths",
     "smooth": "reorder channels by the TSP smoothing permutation before fitting (same function, smoother weights)",
     "split": "which split to evaluate: val or test",
+    "seeds": "seeds: each trains its own base model and runs every method",
+    "methods": "methods to run (default: all): neumeta, individual, individual-matched, distill, prune-l1, "
+               "prune-l2, prune-taylor, prune-hessian, prune-random, slimmable, usnet, usnet-wide, inn",
+    "finetune_steps": "fine-tuning steps after pruning, per width (0: none, as in the paper)",
+    "groups": "channel groups that morph: every group (default) or paper (the paper's release: the last "
+              "block of layer3 of the CIFAR ResNets)",
     "input_shape": "shape of one input (without the batch), for tracing",
 }
 

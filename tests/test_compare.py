@@ -1,0 +1,70 @@
+"""`neumeta compare`: every method on the same data and seeds, one table, one CSV, one curve;
+a rerun skips the runs that are done."""
+import csv
+
+import pytest
+
+from neumeta import compare as compare_module
+from neumeta.cli import main
+from neumeta.compare import METHODS, CompareConfig, compare
+from neumeta.data.fashion_mnist import fashion_mnist_available
+from neumeta.experiment import DataConfig
+from neumeta.inr import INRConfig
+from neumeta.train import FitConfig
+
+TINY = ["--model", "lenet", "--seeds", "0", "--epochs", "1", "--widths", "1", "0.5", "0.25", "--samples", "1",
+        "--curve-samples", "1", "--train-size", "256", "--eval-size", "200", "--val-size", "500", "--batch-size", "64",
+        "--prefit-steps", "2", "--steps", "3", "--eval-every", "5", "--hidden", "16", "--depth", "2",
+        "--frequencies", "2"]
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    if not fashion_mnist_available():
+        pytest.skip("needs the Fashion-MNIST files (CI installs dataset-fashion-mnist)")
+    out = tmp_path_factory.mktemp("compare")
+    main(["compare", *TINY, "--out-dir", str(out)])
+    return out
+
+
+def test_every_method_has_a_row_with_every_width(compared):
+    table = (compared / "table.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    assert set(METHODS) <= set(rows)
+    assert "γ 75 % †" in rows["method"] and "γ 50 % †" not in rows["method"]  # 0.25 is outside [0.5, 1]
+    for name in METHODS:
+        cells = [c.strip() for c in rows[name].split("|")[2:5]]
+        assert all(c.replace(".", "").isdigit() for c in cells), (name, cells)
+
+
+def test_the_csv_holds_every_number_and_the_curve_every_integer_width(compared):
+    with open(compared / "table.csv") as f:
+        rows = list(csv.DictReader(f))
+    curve = {(r["method"], float(r["width"])) for r in rows if r["kind"] == "curve"}
+    smallest = 16  # LeNet's conv1
+    for name in METHODS:
+        widths = {w for m, w in curve if m == name}
+        if name.startswith(("individual", "distill")):
+            assert widths == {1.0, 0.5, 0.25}  # only the widths trained exist
+        else:
+            assert widths == {k / smallest for k in range(1, smallest + 1)}, name
+    assert all(0 <= float(r["metric"]) <= 1 for r in rows)
+    assert (compared / "curve.png").stat().st_size > 10_000
+
+
+def test_a_rerun_skips_what_is_done(compared, monkeypatch):
+    def never(run):
+        raise AssertionError("a finished run was run again")
+    monkeypatch.setattr(compare_module, "METHODS", {n: (never, p) for n, (_, p) in METHODS.items()})
+    before = (compared / "table.md").read_text()
+    config = CompareConfig(seeds=(0,), epochs=1, widths=(1.0, 0.5, 0.25), samples=1, curve_samples=1,
+                           out_dir=str(compared), data=DataConfig(train_size=256, eval_size=200, val_size=500,
+                                                                  batch_size=64),
+                           fit=FitConfig(prefit_steps=2, steps=3, eval_every=5),
+                           inr=INRConfig(hidden=16, depth=2, frequencies=2))
+    assert compare(config) + "\n" == before
+
+
+def test_an_unknown_method_is_named(tmp_path):
+    with pytest.raises(KeyError, match="prune-l3"):
+        compare(CompareConfig(methods=("neumeta", "prune-l3"), out_dir=str(tmp_path)))
