@@ -77,7 +77,8 @@ def candidate_flips() -> List[tuple]:
             ("coords", "noise", 0.25 if coords.noise != 0.25 else 0.5),
             ("fit", "lr", 5e-4 if fit.lr != 5e-4 else 1e-3),
             ("fit", "lr", 2e-3 if fit.lr != 2e-3 else 1e-3),
-            ("inr", "residual", not inr.residual)]
+            ("inr", "residual", "cells" if inr.residual != "cells" else "none"),
+            ("inr", "residual", "linear" if inr.residual != "linear" else "none")]
 
 
 def variants() -> Dict[str, dict]:

@@ -8,7 +8,7 @@ import neumeta as nm
 from neumeta.experiment import build_manifold
 from neumeta.resample import membership
 
-RESIDUAL = nm.INRConfig(hidden=16, depth=3, frequencies=2, residual=True)
+RESIDUAL = nm.INRConfig(hidden=16, depth=3, frequencies=2, residual="cells")
 
 
 @pytest.mark.parametrize("count, full", [(4, 8), (3, 8), (5, 5), (1, 7), (8, 4), (7, 3)])
@@ -80,5 +80,28 @@ def test_the_correction_trains_and_saves(tmp_path):
     with torch.no_grad():
         manifold.inr.b_out.add_(0.01)
     loaded = nm.load(manifold.save(tmp_path / "m.neumeta"), model=Pairs())
-    assert loaded.inr_config.residual
+    assert loaded.inr_config.residual == "cells"
     torch.testing.assert_close(loaded.generate(0.5)["fc2.weight"], manifold.generate(0.5)["fc2.weight"])
+
+
+@pytest.mark.parametrize("count, full", [(4, 8), (3, 8), (5, 5), (1, 7), (12, 8)])
+def test_linear_interpolation_rows_sum_to_one_and_is_the_identity_at_full_width(count, full):
+    from neumeta.resample import interpolation
+    m = interpolation(count, full)
+    torch.testing.assert_close(m.sum(1), torch.ones(count, dtype=m.dtype))
+    assert (m >= 0).all()
+    if count == full:
+        assert torch.equal(m, torch.eye(full, dtype=m.dtype))
+
+
+@pytest.mark.parametrize("resample", ["cells", "linear"])
+def test_both_resamplings_narrow_a_cell_of_identical_channels_exactly(resample):
+    model, x = Pairs(), torch.randn(32, 5)
+    inr = nm.INRConfig(hidden=16, depth=3, frequencies=2, residual=resample)
+    half = nm.WeightManifold(nm.WidthSpace(model, x[:2]), inr).sample(0.5, samples=1)
+    torch.testing.assert_close(half(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_an_unknown_resampling_is_refused():
+    with pytest.raises(ValueError, match="residual"):
+        nm.INRConfig(residual="cubic")

@@ -79,8 +79,9 @@ HELP = {
     "hidden": "INR hidden width",
     "depth": "INR linear layers per block",
     "frequencies": "Fourier feature frequencies",
-    "residual": "the INR learns a correction on top of the reference weights resampled to the width, so full "
-                "width is the reference network exactly until training moves it",
+    "residual": "none (the INR outputs the weights), or the INR learns a correction on top of the reference "
+                "weights resampled to the width, exact at full width: cells (each channel the mean of its "
+                "cell's full channels) or linear (interpolated at its centre)",
     # commands
     "base": "the trained full-width model (written by `neumeta train-base`)",
     "checkpoint": "training checkpoint (written atomically at every validation; default: OUT.ckpt)",

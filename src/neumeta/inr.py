@@ -18,18 +18,22 @@ import torch.nn as nn
 class INRConfig:
     """Shape of the INR: ``depth`` linear layers (input, depth-2 residual hidden, output).
 
-    residual: the INR outputs a correction on top of the reference weights resampled to the
-        width (``neumeta.resample``) instead of the weights themselves; its last layer starts at
-        zero, so full width is the reference network exactly until training moves it.
+    residual: "none" (the INR outputs the weights), or the INR outputs a correction on top of the
+        reference weights resampled to the width (``neumeta.resample``): "cells" (a channel is the
+        mean of the full channels of its cell) or "linear" (interpolated at its centre, continuous
+        in the width). The correction starts at zero, so full width is the reference network
+        exactly until training moves it.
     """
     hidden: int = 256
     depth: int = 5
     frequencies: int = 16
-    residual: bool = False
+    residual: str = "none"
 
     def __post_init__(self):
         if self.depth < 2 or self.hidden < 1 or self.frequencies < 0:
             raise ValueError(f"invalid INR config {self}: need depth >= 2, hidden >= 1, frequencies >= 0")
+        if self.residual not in ("none", "cells", "linear"):
+            raise ValueError(f"residual must be none, cells or linear, not {self.residual!r}")
 
 
 class FourierFeatures(nn.Module):

@@ -111,7 +111,7 @@ class WeightManifold(nn.Module):
             fan = 1 if s.bias else space.layer_channels(s.layer, full)[0]
             scale.append(max(float(w.std()) if w.numel() > 1 else float(w.abs().mean()), 1e-3) * fan)
         self.register_buffer("output_scale", torch.tensor(scale, dtype=torch.float32))
-        if inr.residual:  # a correction that starts at zero: full width is the reference exactly
+        if inr.residual != "none":  # a correction that starts at zero: full width is the reference exactly
             with torch.no_grad():
                 self.inr.w_out.zero_()
                 self.inr.b_out.zero_()
@@ -178,7 +178,7 @@ class WeightManifold(nn.Module):
         if key not in self._base_cache:
             if len(self._base_cache) > 64:
                 self._base_cache.clear()
-            self._base_cache[key] = [resampled_rows(s.layer, rows, counts, s.bias)
+            self._base_cache[key] = [resampled_rows(s.layer, rows, counts, s.bias, self.inr_config.residual)
                                      for s, rows in zip(self.specs, self.original_rows())]
         return self._base_cache[key]
 
@@ -227,7 +227,7 @@ class WeightManifold(nn.Module):
             feats.append(self.fourier(coords))
         batched = self.batched if self.batched is not None else self.device.type == "cuda"
         outputs = self.inr(feats, [s.block for s in self.specs], batched=batched)
-        base = self._base_rows(counts) if self.inr_config.residual else None
+        base = self._base_rows(counts) if self.inr_config.residual != "none" else None
         values = []
         for i, (s, out) in enumerate(zip(self.specs, outputs)):
             v = out.index_select(1, getattr(self, f"crop_{s.block}")) * self.output_scale[s.block]

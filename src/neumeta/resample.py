@@ -1,6 +1,6 @@
 """The reference weights resampled to any width: what a residual INR corrects.
 
-With ``INRConfig(residual=True)`` the manifold's weights are ``resample(W0, width) + INR(coords)``.
+With ``INRConfig(residual="cells")`` the manifold's weights are ``resample(W0, width) + INR(coords)``.
 ``resample`` is the identity at full width, so there the INR only has to output zero (and starts
 at zero), and the network the manifold was built from comes back exactly. At a narrower width
 each channel stands for the full channels of its cell, as the coordinates already say (channel
@@ -8,6 +8,8 @@ each channel stands for the full channels of its cell, as the coordinates alread
 weights on it are their sum, so a cell of similar channels (what smoothing makes neighbours)
 keeps its pre-activations. At a wider width (extrapolation) each channel copies the full channel
 at its coordinate and consumers share that channel's weight among its copies.
+``residual="linear"`` interpolates at the channel centres instead (inputs scaled by C/c, the
+quadrature weight), which moves continuously with the width where cells jump.
 """
 from __future__ import annotations
 
@@ -31,26 +33,52 @@ def membership(count: int, full: int) -> torch.Tensor:
     return b
 
 
-def _dimension(segments: Sequence[Segment], counts: Mapping[str, int], outgoing: bool) -> torch.Tensor:
+def interpolation(count: int, full: int) -> torch.Tensor:
+    """[count, full]: each of ``count`` channels as the linear interpolation of the full channels
+    at its centre (rows sum to 1; the identity at ``count == full``). Unlike cell membership it
+    changes continuously with the width, so the correction the INR learns can too."""
+    x = ((torch.arange(count, dtype=torch.float64) + 0.5) * full / count - 0.5).clamp(0, full - 1)
+    low = x.floor().long().clamp(max=full - 1)
+    high = (low + 1).clamp(max=full - 1)
+    frac = x - low
+    m = torch.zeros(count, full, dtype=torch.float64)
+    m[torch.arange(count), low] += 1 - frac
+    m[torch.arange(count), high] += frac
+    return m
+
+
+RESAMPLINGS = ("cells", "linear")
+
+
+def _dimension(segments: Sequence[Segment], counts: Mapping[str, int], outgoing: bool, how: str) -> torch.Tensor:
     """Block-diagonal [channels at counts, full channels] map of one weight dimension: the mean
-    over a cell for a layer's outputs, the sum (shared among copies) for its inputs."""
+    over a cell (or the interpolation) for a layer's outputs, the sum for its inputs."""
     blocks = []
     for seg in segments:
         if seg.group is None:
             blocks.append(torch.eye(seg.channels, dtype=torch.float64))
             continue
-        b = membership(counts[seg.group], seg.channels)
+        count = counts[seg.group]
+        if how == "linear":  # inputs: the same interpolation, times the quadrature weight C/c
+            m = interpolation(count, seg.channels)
+            blocks.append(m if outgoing else m * (seg.channels / count))
+            continue
+        b = membership(count, seg.channels)
         blocks.append(b / b.sum(1, keepdim=True) if outgoing else b / b.sum(0, keepdim=True))
     return torch.block_diag(*blocks)
 
 
-def resampled_rows(layer: MorphLayer, rows: torch.Tensor, counts: Mapping[str, int], bias: bool) -> torch.Tensor:
+def resampled_rows(layer: MorphLayer, rows: torch.Tensor, counts: Mapping[str, int], bias: bool,
+                   how: str = "cells") -> torch.Tensor:
     """Full-width rows ``[C_out * C_in, elements]`` of one tensor (a bias: ``[C_out, elements]``)
-    as rows at ``counts``: the outputs averaged over their cell, the inputs summed."""
-    out = _dimension(layer.out, counts, outgoing=True).to(rows)
+    as rows at ``counts``: the outputs averaged over their cell, the inputs summed (``how="cells"``),
+    or both linearly interpolated at the channel centres (``"linear"``)."""
+    if how not in RESAMPLINGS:
+        raise ValueError(f"resample must be one of {RESAMPLINGS}, not {how!r}")
+    out = _dimension(layer.out, counts, True, how).to(rows)
     if bias or layer.depthwise:  # one row per output channel (a depthwise kernel reads one input)
         return out @ rows
-    inp = _dimension(layer.inp, counts, outgoing=False).to(rows)
+    inp = _dimension(layer.inp, counts, False, how).to(rows)
     c_out, c_in = out.shape[1], inp.shape[1]
     w = rows.reshape(c_out, c_in, -1)
     return torch.einsum("oj,ik,jke->oie", out, inp, w).reshape(out.shape[0] * inp.shape[0], -1)
