@@ -78,7 +78,8 @@ def candidate_flips() -> List[tuple]:
             ("fit", "lr", 5e-4 if fit.lr != 5e-4 else 1e-3),
             ("fit", "lr", 2e-3 if fit.lr != 2e-3 else 1e-3),
             ("inr", "residual", "cells" if inr.residual != "cells" else "none"),
-            ("inr", "residual", "linear" if inr.residual != "linear" else "none")]
+            ("inr", "residual", "linear" if inr.residual != "linear" else "none"),
+            ("inr", "residual", "area" if inr.residual != "area" else "none")]
 
 
 def variants() -> Dict[str, dict]:

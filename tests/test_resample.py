@@ -94,7 +94,7 @@ def test_linear_interpolation_rows_sum_to_one_and_is_the_identity_at_full_width(
         assert torch.equal(m, torch.eye(full, dtype=m.dtype))
 
 
-@pytest.mark.parametrize("resample", ["cells", "linear"])
+@pytest.mark.parametrize("resample", ["cells", "linear", "area"])
 def test_both_resamplings_narrow_a_cell_of_identical_channels_exactly(resample):
     model, x = Pairs(), torch.randn(32, 5)
     inr = nm.INRConfig(hidden=16, depth=3, frequencies=2, residual=resample)
@@ -105,3 +105,13 @@ def test_both_resamplings_narrow_a_cell_of_identical_channels_exactly(resample):
 def test_an_unknown_resampling_is_refused():
     with pytest.raises(ValueError, match="residual"):
         nm.INRConfig(residual="cubic")
+
+
+@pytest.mark.parametrize("count, full", [(4, 8), (3, 8), (5, 5), (1, 7), (12, 8), (5, 16)])
+def test_area_weights_cover_every_full_channel(count, full):
+    from neumeta.resample import overlap
+    o = overlap(count, full)
+    torch.testing.assert_close(o.sum(1), torch.full((count,), 1 / count, dtype=o.dtype))
+    torch.testing.assert_close(o.sum(0), torch.full((full,), 1 / full, dtype=o.dtype))  # none skipped
+    if count == full:
+        torch.testing.assert_close(o * count, torch.eye(full, dtype=o.dtype))

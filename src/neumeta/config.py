@@ -81,7 +81,7 @@ HELP = {
     "frequencies": "Fourier feature frequencies",
     "residual": "none (the INR outputs the weights), or the INR learns a correction on top of the reference "
                 "weights resampled to the width, exact at full width: cells (each channel the mean of its "
-                "cell's full channels) or linear (interpolated at its centre)",
+                "cell's full channels), linear (interpolated at its centre) or area (weighted by cell overlap)",
     # commands
     "base": "the trained full-width model (written by `neumeta train-base`)",
     "checkpoint": "training checkpoint (written atomically at every validation; default: OUT.ckpt)",

@@ -20,8 +20,8 @@ class INRConfig:
 
     residual: "none" (the INR outputs the weights), or the INR outputs a correction on top of the
         reference weights resampled to the width (``neumeta.resample``): "cells" (a channel is the
-        mean of the full channels of its cell) or "linear" (interpolated at its centre, continuous
-        in the width). The correction starts at zero, so full width is the reference network
+        mean of the full channels of its cell), "linear" (interpolated at its centre, continuous
+        in the width) or "area" (weighted by cell overlap: continuous, skips no channel). The correction starts at zero, so full width is the reference network
         exactly until training moves it.
     """
     hidden: int = 256
@@ -32,8 +32,8 @@ class INRConfig:
     def __post_init__(self):
         if self.depth < 2 or self.hidden < 1 or self.frequencies < 0:
             raise ValueError(f"invalid INR config {self}: need depth >= 2, hidden >= 1, frequencies >= 0")
-        if self.residual not in ("none", "cells", "linear"):
-            raise ValueError(f"residual must be none, cells or linear, not {self.residual!r}")
+        if self.residual not in ("none", "cells", "linear", "area"):
+            raise ValueError(f"residual must be none, cells, linear or area, not {self.residual!r}")
 
 
 class FourierFeatures(nn.Module):

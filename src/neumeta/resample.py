@@ -9,7 +9,9 @@ weights on it are their sum, so a cell of similar channels (what smoothing makes
 keeps its pre-activations. At a wider width (extrapolation) each channel copies the full channel
 at its coordinate and consumers share that channel's weight among its copies.
 ``residual="linear"`` interpolates at the channel centres instead (inputs scaled by C/c, the
-quadrature weight), which moves continuously with the width where cells jump.
+quadrature weight), which moves continuously with the width where cells jump; ``"area"``
+weighs every full channel by the length its cell shares with the narrower cell: continuous, and
+no full channel is skipped however narrow the width.
 """
 from __future__ import annotations
 
@@ -47,7 +49,15 @@ def interpolation(count: int, full: int) -> torch.Tensor:
     return m
 
 
-RESAMPLINGS = ("cells", "linear")
+def overlap(count: int, full: int) -> torch.Tensor:
+    """[count, full]: the length each of ``count`` cells shares with each full-width cell, over
+    [0, 1]. Continuous in the width, and a narrower cell takes in every full channel it covers."""
+    a = torch.arange(count + 1, dtype=torch.float64) / count
+    b = torch.arange(full + 1, dtype=torch.float64) / full
+    return (torch.minimum(a[1:, None], b[None, 1:]) - torch.maximum(a[:-1, None], b[None, :-1])).clamp(min=0)
+
+
+RESAMPLINGS = ("cells", "linear", "area")
 
 
 def _dimension(segments: Sequence[Segment], counts: Mapping[str, int], outgoing: bool, how: str) -> torch.Tensor:
@@ -59,6 +69,10 @@ def _dimension(segments: Sequence[Segment], counts: Mapping[str, int], outgoing:
             blocks.append(torch.eye(seg.channels, dtype=torch.float64))
             continue
         count = counts[seg.group]
+        if how == "area":  # outputs: the overlap-weighted mean; inputs: the overlap-weighted sum
+            o = overlap(count, seg.channels)
+            blocks.append(o * count if outgoing else o * seg.channels)
+            continue
         if how == "linear":  # inputs: the same interpolation, times the quadrature weight C/c
             m = interpolation(count, seg.channels)
             blocks.append(m if outgoing else m * (seg.channels / count))
