@@ -68,3 +68,15 @@ def test_a_rerun_skips_what_is_done(compared, monkeypatch):
 def test_an_unknown_method_is_named(tmp_path):
     with pytest.raises(KeyError, match="prune-l3"):
         compare(CompareConfig(methods=("neumeta", "prune-l3"), out_dir=str(tmp_path)))
+
+
+def test_compare_takes_its_config_file_as_an_argument(tmp_path):
+    from neumeta.cli import parse_command
+    from neumeta.config import ConfigError
+    config = tmp_path / "c.yaml"
+    config.write_text("seeds: [4, 5]\nmethods: [neumeta, slimmable]\n")
+    _, c = parse_command(["compare", str(config)])
+    assert tuple(c.seeds) == (4, 5) and tuple(c.methods) == ("neumeta", "slimmable")
+    assert tuple(parse_command(["compare", "--config", str(config)])[1].seeds) == (4, 5)
+    with pytest.raises(ConfigError, match="two config files"):
+        parse_command(["compare", str(config), "--config", str(tmp_path / "other.yaml")])

@@ -334,6 +334,8 @@ def make_parser() -> argparse.ArgumentParser:
     for name, (cls, func, text) in COMMANDS.items():
         p = sub.add_parser(name, help=text, description=text)
         add_options(p, cls)
+        if name == "compare":  # `neumeta compare CONFIG`, as well as --config CONFIG
+            p.add_argument("config_file", nargs="?", metavar="CONFIG", help="YAML file of options (as --config)")
         p.set_defaults(func=func, cls=cls)
     p = sub.add_parser("list-models", help="names of the registered models")
     p.set_defaults(func=cmd_list_models, cls=None)
@@ -345,6 +347,11 @@ def parse_command(argv: Optional[Sequence[str]] = None) -> Tuple[Callable, Any]:
     args = make_parser().parse_args(argv)
     func, cls = args.func, args.cls
     del args.func, args.cls
+    positional = vars(args).pop("config_file", None)
+    if positional is not None:
+        if getattr(args, "config", None) not in (None, positional):
+            raise ConfigError(f"two config files: {positional} and --config {args.config}; pass one")
+        args.config = positional
     if launched_by_torchrun() and func is not cmd_fit:
         raise ConfigError(f"only `neumeta fit` runs under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}); "
                           f"run `neumeta {args.command}` as one process")

@@ -247,7 +247,7 @@ def load_config(cls, args: argparse.Namespace, commands: Sequence[type] = ()):
         check_options(loaded, option_tree([cls, *commands]), file)
         values = own_options(cls, loaded)
     for dest, value in vars(args).items():
-        if dest not in ("config", "command", "func", "cls"):
+        if dest not in ("config", "config_file", "command", "func", "cls"):
             _set(values, dest.split("."), value)
     if "recipe" in {f.name for f in dataclasses.fields(cls)}:
         if values.get("recipe", "default") not in RECIPES:
