@@ -256,13 +256,11 @@ def validation_scores(manifold: WeightManifold, task, batches, widths: Sequence,
     if world == 1:
         return {w: m[task.metric] for w, m in evaluate_widths(manifold, task, batches, widths, samples, device).items()}
     device = device or manifold.device
-    template = manifold.space.model
     sums, counts = [], []
     for width in widths:
-        params = manifold.expected_parameters(width, samples=samples)
         counted = _CountingBatches(batches)
         try:
-            value = task.evaluate(lambda x: functional_call(template, params, (x,)), counted, device)[task.metric]
+            value = evaluate_widths(manifold, task, counted, [width], samples, device)[width][task.metric]
         except ValueError:
             if counted.examples:
                 raise

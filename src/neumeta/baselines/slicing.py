@@ -25,6 +25,7 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from ..graph import channel_graph
+from ..train import endless_batches
 from .narrow import first_channels, narrow_copy
 
 __all__ = ["SlicedNetwork", "batchnorm_tensors", "first_batches", "has_batchnorm", "recalibrate_batchnorm", "reslice",
@@ -294,22 +295,13 @@ def recalibrate_batchnorm(module: nn.Module, batches: Iterable, device="cpu") ->
 # ----------------------------------------------------------------------------------------------
 
 def step_batches(loader, steps: int) -> Iterator:
-    """``steps`` batches of ``loader``, epoch after epoch (reshuffled through ``set_epoch``)."""
+    """``steps`` batches of ``loader``, epoch after epoch (reshuffled through ``set_epoch``), as
+    ``fit`` draws them (``train.endless_batches``)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, not {steps}")
-    done = 0
-    for epoch in itertools.count():
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-            done += 1
-            if done == steps:
-                return
-        if empty:
-            raise ValueError("the training loader gives no batches")
+    if len(loader) == 0:
+        raise ValueError("the training loader gives no batches")
+    yield from itertools.islice(endless_batches(loader), steps)
 
 
 def first_batches(loader, count: int) -> List:
