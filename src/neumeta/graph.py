@@ -17,14 +17,14 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, Iterator, List, Sequence, Tuple
+from typing import Dict, FrozenSet, Iterable, Iterator, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
 
 __all__ = ["ChannelGraph", "ChannelGroup", "Coupling", "MORPHABLE_TYPES", "channel_graph",
-           "find_output_layers"]
+           "find_output_layers", "group_named"]
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -83,6 +83,17 @@ class ChannelGraph:
     output_layers: Tuple[str, ...]     # found from the outputs, plus the caller's ``fixed``
 
 
+def group_named(name: str, groups: Iterable[ChannelGroup]) -> str:
+    """The group ``name`` stands for: a group's own name, or the name of the layer producing it."""
+    groups = list(groups)
+    if any(g.name == name for g in groups):
+        return name
+    hits = [g.name for g in groups if name in g.producers]
+    if len(hits) == 1:
+        return hits[0]
+    raise KeyError(f"unknown channel group {name!r}; groups are: {', '.join(g.name for g in groups) or '(none)'}")
+
+
 def channel_graph(model: nn.Module, example_inputs, fixed: Sequence[str] = ()) -> ChannelGraph:
     """The channel groups of ``model`` and its output layers, read from one trace.
 
@@ -92,6 +103,19 @@ def channel_graph(model: nn.Module, example_inputs, fixed: Sequence[str] = ()) -
     modes and ``requires_grad`` flags are restored afterwards.
     """
     modules = dict(model.named_modules())
+    outputs, _, tp_groups = dependency_groups(model, example_inputs, fixed)
+    names = {m: n for n, m in model.named_modules()}
+    param_names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    groups = [_read_group(g, names, param_names) for g in tp_groups]
+    order = {n: i for i, n in enumerate(modules)}
+    groups.sort(key=lambda g: order.get(g.name, len(order)))
+    return ChannelGraph(tuple(groups), tuple(outputs))
+
+
+def dependency_groups(model: nn.Module, example_inputs, fixed: Sequence[str] = ()):
+    """(output layers, torch-pruning's ``DependencyGraph``, its groups without the output layers'
+    channels): the one trace ``channel_graph`` reads, and the pruning baselines prune with."""
+    modules = dict(model.named_modules())
     for name in fixed:
         if name not in modules:
             raise KeyError(f"fixed={name!r}: no such module")
@@ -100,12 +124,7 @@ def channel_graph(model: nn.Module, example_inputs, fixed: Sequence[str] = ()) -
         graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
         tp_groups = list(graph.get_all_groups(ignored_layers=[modules[n] for n in outputs],
                                               root_module_types=MORPHABLE_TYPES))
-    names = {m: n for n, m in model.named_modules()}
-    param_names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-    groups = [_read_group(g, names, param_names) for g in tp_groups]
-    order = {n: i for i, n in enumerate(modules)}
-    groups.sort(key=lambda g: order.get(g.name, len(order)))
-    return ChannelGraph(tuple(groups), tuple(outputs))
+    return outputs, graph, tp_groups
 
 
 @contextmanager

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .fold import fold_batchnorm
-from .graph import CONV as _CONV, CONV_T as _CONV_T, MORPHABLE_TYPES, ChannelGroup, channel_graph
+from .graph import CONV as _CONV, CONV_T as _CONV_T, MORPHABLE_TYPES, ChannelGroup, channel_graph, group_named
 
 Width = Union[float, int, Mapping[str, Union[int, float]]]
 
@@ -263,12 +263,7 @@ class WidthSpace:
     @staticmethod
     def group_of(name: str, groups: Mapping[str, ChannelGroup]) -> str:
         """Resolve a group name, or a member module's name, to its group name."""
-        if name in groups:
-            return name
-        hits = [g.name for g in groups.values() if f"{name}.out" in g.members]
-        if len(hits) == 1:
-            return hits[0]
-        raise KeyError(f"unknown channel group {name!r}; groups are: {', '.join(groups) or '(none)'}")
+        return group_named(name, groups.values())
 
     # ------------------------------------------------------------------ widths
     @property

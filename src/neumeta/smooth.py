@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .graph import ChannelGroup, _as_tuple, _tensors as _flatten, channel_graph
+from .graph import ChannelGroup, _as_tuple, _tensors as _flatten, channel_graph, group_named
 from .tsp import path_length, solve_open_path
 
 __all__ = ["GroupTV", "SmoothReport", "TotalVariation", "smooth", "total_variation"]
@@ -293,13 +293,7 @@ def _select(groups: List[ChannelGroup], wanted: Optional[Sequence[str]]) -> List
     """The groups named in ``wanted`` (a group's name, or the name of a layer producing it)."""
     if wanted is None:
         return groups
-    chosen = set()
-    for name in wanted:
-        hits = [g.name for g in groups if g.name == name] or [g.name for g in groups if name in g.producers]
-        if len(hits) != 1:
-            raise KeyError(f"unknown channel group {name!r}; groups are: "
-                           f"{', '.join(g.name for g in groups) or '(none)'}")
-        chosen.add(hits[0])
+    chosen = {group_named(name, groups) for name in wanted}
     return [g for g in groups if g.name in chosen]
 
 

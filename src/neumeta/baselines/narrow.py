@@ -11,21 +11,16 @@ import copy
 from typing import Dict, Mapping, Sequence
 
 import torch.nn as nn
-import torch_pruning as tp
 
-from ..graph import MORPHABLE_TYPES, _group_name, _traceable, find_output_layers
+from ..graph import _group_name, dependency_groups
 
 
 def pruning_groups(model: nn.Module, example_inputs, fixed: Sequence[str] = ()):
     """(torch-pruning's dependency graph of ``model``, {group name: its torch-pruning group});
     the output layers' channels (found as ``WidthSpace`` finds them) are in no group."""
-    modules = dict(model.named_modules())
-    with _traceable(model):
-        outputs = find_output_layers(model, example_inputs, fixed)
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
-        groups = graph.get_all_groups(ignored_layers=[modules[n] for n in outputs], root_module_types=MORPHABLE_TYPES)
-        names = {m: n for n, m in model.named_modules()}
-        return graph, {_group_name(g, names): g for g in groups}
+    _, graph, groups = dependency_groups(model, example_inputs, fixed)
+    names = {m: n for n, m in model.named_modules()}
+    return graph, {_group_name(g, names): g for g in groups}
 
 
 def narrow_copy(model: nn.Module, example_inputs, keep: Mapping[str, Sequence[int]]) -> nn.Module:
