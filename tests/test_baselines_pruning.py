@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import neumeta as nm
-from neumeta.baselines.pruning import IMPORTANCES, finetune, kept_channels, prune
+from neumeta.baselines.pruning import IMPORTANCES, channel_scores, finetune, highest, kept_channels, prune
 from neumeta.data import TensorLoader
 from neumeta.experiment import Data
 from test_smooth import randomise_norms  # random BatchNorm parameters and statistics, as if trained
@@ -141,6 +141,16 @@ def test_every_importance_prunes_to_exact_counts(importance):
     reordered = dict(reversed(list(counts.items())))
     assert kept_channels(model, x, reordered, importance, batches, task) == \
         kept_channels(model, x, counts, importance, batches, task)
+
+
+@pytest.mark.parametrize("importance", sorted(IMPORTANCES))
+def test_scores_taken_once_rank_every_width_as_scoring_each_width_does(importance):
+    """`neumeta compare` scores the base model once and prunes every width from those scores."""
+    model, x = nm.create_model("lenet", conv1=6, conv2=8, fc1=16, fc2=12).eval(), torch.randn(2, 1, 28, 28)
+    task, batches = nm.ClassificationTask(10), tiny_batches()
+    scores = channel_scores(model, x, importance, batches, task, seed=3)
+    for counts in ({"conv1": 3, "conv2": 5, "fc1": 7, "fc2": 1}, {"conv1": 6, "conv2": 1, "fc1": 16, "fc2": 6}):
+        assert highest(scores, counts) == kept_channels(model, x, counts, importance, batches, task, seed=3)
 
 
 def test_random_importance_is_reproducible_from_its_seed():

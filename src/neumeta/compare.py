@@ -138,12 +138,15 @@ def _individual(run: Run, epochs: int, teacher: Optional[nn.Module] = None) -> T
 
 def _pruning(importance: str) -> Callable[[Run], Trained]:
     def method(run: Run) -> Trained:
-        from .baselines import finetune, prune
+        from .baselines import channel_scores, finetune, highest, narrow_copy
         c = run.config
         batches = [b for _, b in zip(range(4), run.data.train)]  # Taylor / Hessian gradients
+        # scored once on the base model: the ranking serves every width
+        scores = channel_scores(run.base, run.data.example, importance, batches, run.data.task, run.seed,
+                                groups=list(run.space.groups))
 
         def network(counts):
-            pruned = prune(run.base, run.data.example, counts, importance, batches, run.data.task, run.seed)
+            pruned = narrow_copy(run.base, run.data.example, highest(scores, counts))
             return finetune(pruned, run.data, c.finetune_steps, c.lr, c.device, progress=False)
         return Trained(network, run.base_seconds, count_parameters(run.base))
     return method

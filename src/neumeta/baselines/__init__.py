@@ -7,11 +7,11 @@ measured at the same channel counts as the manifold).
 from .distill import DistillationTask, train_distilled
 from .inn import INN, ResampledNetwork
 from .narrow import first_channels, narrow_copy, pruning_groups
-from .pruning import IMPORTANCES, finetune, kept_channels, prune
+from .pruning import IMPORTANCES, channel_scores, finetune, highest, kept_channels, prune
 from .slicing import SlicedNetwork, recalibrate_batchnorm
 from .slimmable import Slimmable
 from .usnet import USNet
 
 __all__ = ["DistillationTask", "IMPORTANCES", "INN", "ResampledNetwork", "SlicedNetwork", "Slimmable", "USNet",
-           "finetune", "first_channels", "kept_channels", "narrow_copy", "prune", "pruning_groups",
-           "recalibrate_batchnorm", "train_distilled"]
+           "channel_scores", "finetune", "first_channels", "highest", "kept_channels", "narrow_copy", "prune",
+           "pruning_groups", "recalibrate_batchnorm", "train_distilled"]

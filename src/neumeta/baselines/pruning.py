@@ -32,37 +32,55 @@ IMPORTANCES: Dict[str, Callable[[], tp.importance.Importance]] = {
 NEEDS_GRADIENTS = ("taylor", "hessian")
 
 
-def kept_channels(model: nn.Module, example_inputs, counts: Mapping[str, int], importance: str = "l1",
-                  batches: Optional[Iterable] = None, task=None, seed: int = 0) -> Dict[str, List[int]]:
-    """{group: the ``counts[group]`` channels of highest ``importance``, ascending}; what ``prune``
-    keeps. ``taylor`` and ``hessian`` need ``batches`` (a few training batches) and the ``task``
-    whose loss they differentiate. ``model`` is left as it was (gradients are taken on a copy)."""
+def channel_scores(model: nn.Module, example_inputs, importance: str = "l1", batches: Optional[Iterable] = None,
+                   task=None, seed: int = 0, groups: Optional[Iterable[str]] = None) -> Dict[str, torch.Tensor]:
+    """{group: one ``importance`` score per channel} for ``groups`` (default: every group; a
+    ``{group: count}`` mapping has its counts checked before any scoring), all on the unpruned
+    ``model``: computed once, they rank the channels for any width. ``taylor`` and
+    ``hessian`` need ``batches`` (a few training batches) and the ``task`` whose loss they
+    differentiate. ``model`` is left as it was (gradients are taken on a copy)."""
     if importance not in IMPORTANCES:
         raise KeyError(f"unknown pruning importance {importance!r}; available: {', '.join(IMPORTANCES)}")
     if importance in NEEDS_GRADIENTS and (batches is None or task is None):
         raise ValueError(f"pruning importance {importance!r} needs training batches and a task (its loss "
                          f"is differentiated), got batches={batches!r}, task={task!r}")
     scored = copy.deepcopy(model)
-    _, groups = pruning_groups(scored, example_inputs)
-    _check_counts(counts, groups)
+    _, tp_groups = pruning_groups(scored, example_inputs)
+    names = list(tp_groups) if groups is None else list(groups)
+    _check_counts(groups if isinstance(groups, Mapping) else {name: 1 for name in names}, tp_groups)
     scorer = IMPORTANCES[importance]()
     if importance == "taylor":
         _loss_gradients(scored, batches, task)
     elif importance == "hessian":
         _squared_sample_gradients(scored, batches, task)
-    kept = {}
+    scores = {}
     with torch.random.fork_rng(devices=[]), torch.no_grad():
-        for name, count in counts.items():
+        for name in names:
             torch.manual_seed(seed + zlib.crc32(name.encode()))  # random scores: per group, in any order
-            scores = scorer(groups[name])
-            if scores is None:
+            score = scorer(tp_groups[name])
+            if score is None:
                 raise ValueError(f"pruning importance {importance!r} gives no score for group {name!r} "
                                  "(it holds no layer the importance reads)")
-            scores = torch.nan_to_num(scores.detach().float().cpu(), nan=-float("inf"))
-            # a stable sort: of equal scores, the lower channel index is kept
-            order = torch.sort(scores, descending=True, stable=True).indices
-            kept[name] = sorted(order[:count].tolist())
+            scores[name] = torch.nan_to_num(score.detach().float().cpu(), nan=-float("inf"))
+    return scores
+
+
+def highest(scores: Mapping[str, torch.Tensor], counts: Mapping[str, int]) -> Dict[str, List[int]]:
+    """{group: the ``counts[group]`` channels of highest score, ascending}; of equal scores the
+    lower channel index is kept (a stable sort)."""
+    kept = {}
+    for name, count in counts.items():
+        _check_count(name, count, len(scores[name]))
+        order = torch.sort(scores[name], descending=True, stable=True).indices
+        kept[name] = sorted(order[:count].tolist())
     return kept
+
+
+def kept_channels(model: nn.Module, example_inputs, counts: Mapping[str, int], importance: str = "l1",
+                  batches: Optional[Iterable] = None, task=None, seed: int = 0) -> Dict[str, List[int]]:
+    """{group: the ``counts[group]`` channels of highest ``importance``, ascending}; what ``prune``
+    keeps (``channel_scores`` of the groups in ``counts``, then ``highest``)."""
+    return highest(channel_scores(model, example_inputs, importance, batches, task, seed, counts), counts)
 
 
 def prune(model: nn.Module, example_inputs, counts: Mapping[str, int], importance: str = "l1",
@@ -102,9 +120,12 @@ def _check_counts(counts: Mapping[str, int], groups: Mapping[str, tp.Group]) -> 
     for name, count in counts.items():
         if name not in groups:
             raise KeyError(f"unknown channel group {name!r}; groups are: {', '.join(groups)}")
-        size = len(groups[name].items[0].idxs)
-        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or not 1 <= count <= size:
-            raise ValueError(f"group {name!r} has {size} channels; cannot keep {count!r} (need 1..{size})")
+        _check_count(name, count, len(groups[name].items[0].idxs))
+
+
+def _check_count(name: str, count, size: int) -> None:
+    if isinstance(count, bool) or not isinstance(count, numbers.Integral) or not 1 <= count <= size:
+        raise ValueError(f"group {name!r} has {size} channels; cannot keep {count!r} (need 1..{size})")
 
 
 def _device(model: nn.Module) -> torch.device:
