@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 from .config import ConfigError, add_options, load_config
-from .compare import CompareConfig
+from .compare import CompareConfig, compare
 from .coords import CoordConfig
 from .experiment import (DataConfig, DemoConfig, build_manifold, check_model_fits_data, count_parameters, load_data,
                          run_demo, train_base)
@@ -303,8 +303,7 @@ def cmd_demo(c: DemoConfig) -> None:
     run_demo(c)
 
 
-def cmd_compare(c) -> None:
-    from .compare import compare
+def cmd_compare(c: CompareConfig) -> None:
     check_output_file(Path(c.out_dir) / "table.md", "--out-dir")
     print(compare(c))
 
