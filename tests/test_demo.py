@@ -30,6 +30,10 @@ def test_tiny_demo_writes_table_json_and_plot(tmp_path):
     assert all(0 <= v <= 1 for v in summary["curve"].values())
     assert json.loads((out / "demo.json").read_text())["curve"] == summary["curve"]
     assert "| 75 % (unseen) | 0.25 |" in (out / "demo.md").read_text()
+    # beside the base's budget, individual models given the manifold's data: 1 epoch + 10 steps of 8 batches
+    assert {r["matched_epochs"] for r in summary["rows"]} == {3}
+    assert "individual, 3 epochs (the manifold's data)" in (out / "demo.md").read_text()
+    assert all(0 <= r["matched_test"] <= 1 for r in summary["rows"])
     assert (out / "demo.png").read_bytes()[:4] == b"\x89PNG"
     assert any("plot:" in line for line in lines)
     stages = summary["stage_seconds"]

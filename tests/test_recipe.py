@@ -56,10 +56,10 @@ def _loader(n=32, batch=16, seed=0):
 
 
 def test_sandwich_rule_trains_the_narrowest_width_every_step(small_manifold, monkeypatch):
-    generated = []
-    original = small_manifold.generate
-    monkeypatch.setattr(small_manifold, "generate", lambda counts, **kw: generated.append(dict(counts))
-                        or original(counts, **kw))
+    generated = []  # the widths whose networks the task trains (a plain manifold: one network each)
+    original = small_manifold.params_from_rows
+    monkeypatch.setattr(small_manifold, "params_from_rows", lambda values, counts: generated.append(dict(counts))
+                        or original(values, counts))
     joint = 6
     for sandwich in (False, True):
         generated.clear()

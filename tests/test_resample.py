@@ -35,7 +35,8 @@ def test_a_plain_inr_is_not_the_model_before_training():
     """What the residual form fixes: the plain INR starts far from the reference weights."""
     model = nm.create_model("lenet").eval()
     x = torch.randn(16, 1, 28, 28)
-    manifold = build_manifold(model, x[:2], nm.INRConfig(hidden=16, depth=3, frequencies=2), log=lambda *a: None)
+    manifold = build_manifold(model, x[:2], nm.INRConfig(hidden=16, depth=3, frequencies=2, full_width="inr"),
+                              log=lambda *a: None)
     assert (manifold.sample(1.0, samples=1)(x) - model(x)).abs().max() > 1e-2
 
 

@@ -19,13 +19,13 @@ from .smooth import SmoothReport, smooth, total_variation
 from .tasks import ClassificationTask
 from .tasks import SegmentationTask, VAETask
 from .flops import count_flops
-from .train import DivergenceError, FitConfig, FitResult, NeverLearnedWarning, fit
+from .train import DivergenceError, FitConfig, FitResult, NeverLearnedWarning, PoorReconstructionWarning, fit
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CoordConfig", "DivergenceError", "FitConfig", "FitResult", "INRConfig", "NeverLearnedWarning", "WeightManifold",
-    "WidthSpace",
+    "PoorReconstructionWarning", "WidthSpace",
     "ClassificationTask", "create_model", "fit", "fold_batchnorm", "list_models", "load",
     "load_model", "recipe", "register_model", "save_model", "smooth", "SmoothReport", "total_variation",
 ]

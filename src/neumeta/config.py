@@ -72,6 +72,9 @@ HELP = {
     "eval_widths": "width multipliers validated during fit; their mean accuracy selects the checkpoint",
     "select_widths": "widths whose mean validation accuracy selects the checkpoint instead (also validated)",
     "eval_samples": "noisy coordinate draws averaged per validation (1 = noise-free centres)",
+    "tensor_subset": "fraction of the generated tensors whose INR blocks get gradients each joint step (the "
+                     "paper's random subset of layers; the rest are generated without autograd): a cheaper backward",
+    "recon_warn": "warn after the pre-fit about tensors whose relative full-width reconstruction error exceeds this",
     # coords / inr
     "size_terms": "add the paper's size coordinates L/N, C_in/N, C_out/N",
     "positions": "channel positions: center = (j+1/2)/C, index = j/C (paper)",
@@ -82,6 +85,11 @@ HELP = {
     "residual": "none (the INR outputs the weights), or the INR learns a correction on top of the reference "
                 "weights resampled to the width, exact at full width: cells (each channel the mean of its "
                 "cell's full channels), linear (interpolated at its centre) or area (weighted by cell overlap)",
+    "detail": "add a free full-width table of the detail the INR misses (exact full width after the "
+              "pre-fit), resampled by cell overlap in the trained range and faded out below it",
+    "full_width": "what sampling gives at full width: reference (the base network, exactly), inr (the INR's, as "
+                  "at every other width) or best (whichever fit measured better on validation)",
+    "detail_fade": "width fraction below the trained range over which the detail table fades out",
     # commands
     "base": "the trained full-width model (written by `neumeta train-base`)",
     "checkpoint": "training checkpoint (written atomically at every validation; default: OUT.ckpt)",

@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import importlib.util
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,6 +201,7 @@ def run_demo(config: DemoConfig, progress: bool = True, log=print) -> Dict:
 
     rows = []
     space = manifold.space
+    matched = matched_epochs(config.epochs, config.fit.steps, len(data.train))
     batches = config.calibrate
     if batches < 0:
         raise ValueError(f"demo: calibrate must be a number of batches >= 0 (0 = off), not {batches}")
@@ -210,25 +212,29 @@ def run_demo(config: DemoConfig, progress: bool = True, log=print) -> Dict:
         plain = manifold.sample(counts, samples=config.samples, seed=config.seed)
         sampled = plain if reference is None else manifold.sample(counts, samples=config.samples, seed=config.seed,
                                                                   calibration=reference)
-        if width == 1.0:
-            individual = base
-        else:
-            path = out / f"individual_{width:g}.safetensors"
+        kwargs = dict(getattr(base, "neumeta_kwargs", {}), **width_kwargs(config.model, counts))
+
+        def individual_model(epochs: int, suffix: str = ""):
+            path = out / f"individual_{width:g}{suffix}.safetensors"
             if path.exists():
-                individual = load_model(path)
-            else:
-                kwargs = dict(getattr(base, "neumeta_kwargs", {}), **width_kwargs(config.model, counts))
-                with _timed(stages, "individual models"):
-                    individual = train_base(config.model, data, config.epochs, config.lr, config.seed,
-                                            config.device, progress, desc=f"individual {width:g}", **kwargs)
-                save_model(individual, path)
-        individual.to(config.device)
+                return load_model(path).to(config.device)
+            with _timed(stages, "individual models"):
+                model = train_base(config.model, data, epochs, config.lr, config.seed, config.device, progress,
+                                   desc=f"individual {width:g}, {epochs} epochs", **kwargs)
+            save_model(model, path)
+            return model.to(config.device)
+
+        individual = base if width == 1.0 else individual_model(config.epochs)
+        given_data = individual_model(matched, f"_e{matched}")
         rows.append({
             "width": width, "gamma": round(1 - width, 4), "channels": counts,
             "trained_range": config.fit.min_width <= width <= config.fit.max_width,
             "params": count_parameters(sampled),
             "individual_test": data.task.evaluate(individual, data.test, config.device)["accuracy"],
             "individual_val": data.task.evaluate(individual, data.val, config.device)["accuracy"],
+            "matched_epochs": matched,
+            "matched_test": data.task.evaluate(given_data, data.test, config.device)["accuracy"],
+            "matched_val": data.task.evaluate(given_data, data.val, config.device)["accuracy"],
             "neumeta_test": data.task.evaluate(sampled, data.test, config.device)["accuracy"],
             "neumeta_val": data.task.evaluate(sampled, data.val, config.device)["accuracy"],
             "neumeta_test_uncalibrated": data.task.evaluate(plain, data.test, config.device)["accuracy"],
@@ -255,6 +261,13 @@ def run_demo(config: DemoConfig, progress: bool = True, log=print) -> Dict:
     log(table)
     log(f"checkpoint: {manifold_path}   table: {out / 'demo.md'}" + _draw(summary, config, out / "demo.png"))
     return summary
+
+
+def matched_epochs(epochs: int, steps: int, batches_per_epoch: int) -> int:
+    """Epochs that give an individual model as much training data as the manifold saw: its base
+    model's ``epochs`` plus the fit's joint ``steps`` of one batch each, rounded up (4 + 3,000 steps
+    of 430 batches = 11). The fair comparison: the base's epochs alone flatter the manifold."""
+    return epochs + math.ceil(steps / max(1, batches_per_epoch))
 
 
 @contextlib.contextmanager
@@ -292,21 +305,30 @@ def _draw(summary: Dict, config: DemoConfig, path: Path) -> str:
     plot_width_curve({float(w): v for w, v in summary["curve"].items()}, path,
                      {r["width"]: r["individual_test"] for r in summary["rows"]},
                      trained=(config.fit.min_width, config.fit.max_width),
-                     title=f"{config.model} on {config.data.dataset}: test accuracy against width")
+                     title=f"{config.model} on {config.data.dataset}: test accuracy against width",
+                     matched={r["width"]: r["matched_test"] for r in summary["rows"] if "matched_test" in r},
+                     labels=(f"individual models, {config.epochs} epochs (the base's)",
+                             f"individual models, {summary['rows'][0].get('matched_epochs')} epochs "
+                             "(the manifold's data)"))
     return f"   plot: {path}"
 
 
 def format_table(summary: Dict) -> str:
     calibrated = any(r.get("calibration_batches") for r in summary["rows"])
-    lines = ["| γ (compression) | width | channels | params | individual test acc % | NeuMeta test acc % | Δ |"
-             + (" NeuMeta without calibration % |" if calibrated else ""),
-             "|---|---|---|---|---|---|---|" + ("---|" if calibrated else "")]
+    epochs = summary.get("config", {}).get("epochs", "base")
+    matched = all("matched_test" in r for r in summary["rows"])
+    given = f" individual, {summary['rows'][0]['matched_epochs']} epochs (the manifold's data) % | Δ |" if matched else ""
+    lines = [f"| γ (compression) | width | channels | params | individual, {epochs} epochs (the base's) % | "
+             f"NeuMeta test acc % | Δ |{given}" + (" NeuMeta without calibration % |" if calibrated else ""),
+             "|---|---|---|---|---|---|---|" + ("---|---|" if matched else "") + ("---|" if calibrated else "")]
     for r in summary["rows"]:
         unseen = "" if r["trained_range"] else " (unseen)"
         chans = "/".join(str(c) for c in r["channels"].values())
         lines.append(f"| {100 * r['gamma']:.0f} %{unseen} | {r['width']:g} | {chans} | {r['params']:,} | "
                      f"{100 * r['individual_test']:.2f} | {100 * r['neumeta_test']:.2f} | "
                      f"{100 * (r['neumeta_test'] - r['individual_test']):+.2f} |"
+                     + (f" {100 * r['matched_test']:.2f} | {100 * (r['neumeta_test'] - r['matched_test']):+.2f} |"
+                        if matched else "")
                      + (f" {100 * r['neumeta_test_uncalibrated']:.2f} |" if calibrated else ""))
     lines.append("")
     lines.append(f"Stored parameters: {len(summary['rows'])} individual models {summary['stored_individual']:,}; "

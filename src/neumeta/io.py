@@ -133,6 +133,7 @@ def save_manifold(manifold: WeightManifold, path, extra: Optional[dict] = None) 
         "inr": dataclasses.asdict(manifold.inr_config),
         "coords": dataclasses.asdict(manifold.coord_config),
         "noise_counts": manifold.noise_counts,
+        "full_width_choice": manifold.full_width_choice,
         "extra": extra or {},
     }
     tensors = {f"inr.{k}": v for k, v in manifold.state_dict().items()}
@@ -160,6 +161,7 @@ def load_manifold(path, model: Optional[nn.Module] = None, map_location: str = "
     space = WidthSpace(folded, example, groups=config["groups"], fixed=config.get("fixed", ()))
     manifold = WeightManifold(space, INRConfig(**config["inr"]), CoordConfig(**config["coords"]))
     manifold.noise_counts = config.get("noise_counts")
+    manifold.full_width_choice = config.get("full_width_choice")
     inr_state = {k[len("inr."):]: v for k, v in tensors.items() if k.startswith("inr.")}
     try:
         manifold.load_state_dict(inr_state)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import AbstractSet, Dict, List, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -17,7 +17,7 @@ from .calibrate import Reference, calibrate, measure_reference
 from .coords import CoordConfig, tensor_coordinates
 from .groups import MorphLayer, Width, WidthSpace
 from .inr import BlockMLP, FourierFeatures, INRConfig
-from .resample import resampled_rows
+from .resample import apply_resampling, resampling, resampled_rows
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,8 @@ class WeightManifold(nn.Module):
         space: the ``WidthSpace`` (folded model + channel groups) to represent.
         inr: INR shape (hidden width, depth, Fourier frequencies).
         coords: coordinate convention and training noise.
-        batched: run all blocks as one padded batched matmul (fast on GPUs); default: on CUDA only.
+        batched: run blocks of similar row counts as padded batched matmuls (``BlockMLP``: fewer
+            kernel launches, for GPUs; on a CPU no faster than the loop); default: on CUDA only.
     """
 
     def __init__(self, space: WidthSpace, inr: INRConfig = INRConfig(), coords: CoordConfig = CoordConfig(),
@@ -117,7 +118,21 @@ class WeightManifold(nn.Module):
                 self.inr.b_out.zero_()
         self._coord_cache: Dict[tuple, list] = {}
         self._base_cache: Dict[tuple, list] = {}
+        self._detail_maps: Dict[tuple, list] = {}
         self._noise_counts: Optional[Dict[str, int]] = None
+        self.full_width_choice: Optional[str] = None  # fit's choice for INRConfig(full_width="best")
+        self.detail: Optional[nn.ParameterList] = None
+        if inr.detail:  # full width is the reference exactly from the start (and again after the pre-fit)
+            self.detail = nn.ParameterList([nn.Parameter(torch.zeros_like(r)) for r in self.original_rows()])
+            self.anchor_detail()
+
+    @property
+    def full_width_source(self) -> str:
+        """What sampling gives at full width: "reference" or "inr" (``INRConfig.full_width``; with
+        "best", ``fit``'s choice on validation, ``full_width_choice``, else the reference)."""
+        if self.inr_config.full_width != "best":
+            return self.inr_config.full_width
+        return self.full_width_choice or "reference"
 
     @property
     def noise_counts(self) -> Optional[Dict[str, int]]:
@@ -148,6 +163,7 @@ class WeightManifold(nn.Module):
         self.space.model._apply(fn, *args, **kwargs)
         self._coord_cache.clear()
         self._base_cache.clear()
+        self._detail_maps.clear()
         return super()._apply(fn, *args, **kwargs)
 
     @property
@@ -210,11 +226,16 @@ class WeightManifold(nn.Module):
 
     def row_values(self, counts: Mapping[str, int], noise: bool = False,
                    generator: Optional[torch.Generator] = None,
-                   rows: Optional[Sequence[torch.Tensor]] = None) -> List[torch.Tensor]:
+                   rows: Optional[Sequence[torch.Tensor]] = None, detail: bool = True,
+                   grad_tensors: Optional[AbstractSet[int]] = None) -> List[torch.Tensor]:
         """The INR's values for every tensor at ``counts`` as [rows, elements] (or only ``rows[i]``).
 
         With ``noise``, every continuous coordinate is jittered by U(-a, a) (cross-model
         smoothness); the layer label never is, and rows always go to their own tensor's block.
+        ``detail=False`` leaves the detail table out (``INRConfig.detail``): the INR alone.
+        ``grad_tensors``: indices into ``specs`` whose INR blocks run with autograd; the others
+        run under ``no_grad`` (same values, same noise draw, no backward): ``fit``'s
+        ``tensor_subset``. None: all of them.
         """
         tables = self._coordinates(counts)
         feats = []
@@ -225,8 +246,7 @@ class WeightManifold(nn.Module):
                 u = torch.rand(coords.shape, generator=generator, device="cpu" if generator else coords.device)
                 coords = coords + (2 * u.to(coords.device) - 1) * scale
             feats.append(self.fourier(coords))
-        batched = self.batched if self.batched is not None else self.device.type == "cuda"
-        outputs = self.inr(feats, [s.block for s in self.specs], batched=batched)
+        outputs = self._inr_outputs(feats, grad_tensors)
         base = self._base_rows(counts) if self.inr_config.residual != "none" else None
         values = []
         for i, (s, out) in enumerate(zip(self.specs, outputs)):
@@ -236,7 +256,80 @@ class WeightManifold(nn.Module):
             if base is not None:
                 v = v + (base[i] if rows is None else base[i][rows[i]])
             values.append(v)
-        return values
+        return self.with_detail(values, counts, rows) if detail else values
+
+    def _inr_outputs(self, feats: Sequence[torch.Tensor], grad_tensors: Optional[AbstractSet[int]]) -> List[torch.Tensor]:
+        """Each tensor's features through its block; those outside ``grad_tensors`` without autograd."""
+        batched = self.batched if self.batched is not None else self.device.type == "cuda"
+        blocks = [s.block for s in self.specs]
+        if grad_tensors is None:
+            return self.inr(feats, blocks, batched=batched)
+        outputs: List[Optional[torch.Tensor]] = [None] * len(feats)
+        for tracked in (False, True):
+            chosen = [i for i in range(len(feats)) if (i in grad_tensors) == tracked]
+            if not chosen:
+                continue
+            with torch.set_grad_enabled(tracked and torch.is_grad_enabled()):
+                for i, out in zip(chosen, self.inr([feats[i] for i in chosen], [blocks[i] for i in chosen],
+                                                   batched=batched)):
+                    outputs[i] = out
+        return outputs
+
+    # ----------------------------------------------------------------- the detail table
+    def detail_gate(self, spec: TensorSpec, counts: Mapping[str, int]) -> float:
+        """How much of the detail table a tensor gets at ``counts``: 1 in and above the trained
+        range (``noise_counts``, the narrowest widths ``fit`` trained; everywhere before a fit),
+        falling linearly to 0 over ``detail_fade`` of width below it, per channel group the
+        tensor touches. Continuous in the width, so the manifold stays one."""
+        if self._noise_counts is None:
+            return 1.0
+        fade = self.inr_config.detail_fade
+        gate = 1.0  # a bias follows its layer's weight (a classifier's bias too, though its size is fixed)
+        for group in {seg.group for seg in (*spec.layer.out, *spec.layer.inp) if seg.group is not None}:
+            full = self.space.full[group]
+            trained = self._noise_counts[group] / full
+            gate *= min(1.0, max(0.0, (counts[group] / full - (trained - fade)) / fade))
+        return gate
+
+    def with_detail(self, values: Sequence[torch.Tensor], counts: Mapping[str, int],
+                    rows: Optional[Sequence[torch.Tensor]] = None) -> List[torch.Tensor]:
+        """INR row values at ``counts`` plus the detail table resampled there (cell overlaps),
+        times its gate; the values themselves where there is no table."""
+        if self.detail is None:
+            return list(values)
+        key = tuple(sorted(counts.items()))
+        if key not in self._detail_maps:
+            if len(self._detail_maps) > 64:
+                self._detail_maps.clear()
+            self._detail_maps[key] = [resampling(s.layer, counts, s.bias, "area") for s in self.specs]
+        out = []
+        for i, (s, v) in enumerate(zip(self.specs, values)):
+            gate = self.detail_gate(s, counts)
+            if gate > 0:
+                d = apply_resampling(self._detail_maps[key][i], self.detail[i])
+                v = v + gate * (d if rows is None else d[rows[i]])
+            out.append(v)
+        return out
+
+    @torch.no_grad()
+    def anchor_detail(self, samples: int = 50, seed: int = 0) -> None:
+        """Set the detail table to the reference minus the INR's full width averaged over the
+        noisy draws ``sample(1.0, samples, seed)`` takes: that full width is then the reference
+        network exactly (to float rounding). ``fit`` calls it when the pre-fit ends."""
+        if self.detail is None:
+            raise ValueError("anchor_detail: this manifold has no detail table (INRConfig(detail=True))")
+        full = self.space.full
+        if samples == 1 or self.coord_config.noise == 0:
+            mean = self.row_values(full, noise=False, detail=False)
+        else:
+            gen = torch.Generator().manual_seed(seed)
+            total = None
+            for _ in range(samples):
+                v = self.row_values(full, noise=True, generator=gen, detail=False)
+                total = v if total is None else [a + b for a, b in zip(total, v)]
+            mean = [t / samples for t in total]
+        for table, reference, inr in zip(self.detail, self.original_rows(), mean):
+            table.copy_(reference - inr)
 
     def generate(self, width: Width = 1.0, noise: bool = False,
                  generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
@@ -249,11 +342,16 @@ class WeightManifold(nn.Module):
         return {s.name: self._rows_to_tensor(s, v, counts) for s, v in zip(self.specs, values)}
 
     @torch.no_grad()
-    def expected_parameters(self, width: Width, samples: int = 50, seed: int = 0) -> Dict[str, torch.Tensor]:
-        """Weights averaged over ``samples`` noisy coordinate draws (Eq. 9 of the paper)."""
+    def expected_parameters(self, width: Width, samples: int = 50, seed: int = 0,
+                            full_width: Optional[str] = None) -> Dict[str, torch.Tensor]:
+        """Weights averaged over ``samples`` noisy coordinate draws (Eq. 9 of the paper); at full
+        width the reference network's own weights where ``full_width`` (default: this manifold's
+        ``full_width_source``) is "reference"."""
         if samples < 1:
             raise ValueError(f"samples must be >= 1, not {samples}")
         counts = self.space.resolve(width) if not _is_counts(width, self.space) else width
+        if (full_width or self.full_width_source) == "reference" and dict(counts) == dict(self.space.full):
+            return {name: w.detach().clone() for name, w in self.original_parameters().items()}
         if samples == 1 or self.coord_config.noise == 0:
             return self.generate(counts, noise=False)
         gen = torch.Generator().manual_seed(seed)
@@ -267,11 +365,15 @@ class WeightManifold(nn.Module):
     def calibration_reference(self, batches, samples: int = 50, seed: int = 0, num_batches: int = 20) -> Reference:
         """The full width (sampled like ``sample(1.0, samples, seed)``) measured on the first
         ``num_batches`` of ``batches``: ``sample(width, calibration=reference)`` for any width."""
-        return measure_reference(self.sample(self.space.full, samples, seed), self.space, batches, num_batches)
+        # the INR's own full width, also where sampling gives the reference there: narrower widths are
+        # the INR's, and it is the INR's statistics they are corrected to (the reference's measured
+        # 2-3 points worse at every calibrated width of LeNet)
+        return measure_reference(self.sample(self.space.full, samples, seed, full_width="inr"), self.space, batches,
+                                 num_batches)
 
     @torch.no_grad()
     def sample(self, width: Width = 1.0, samples: int = 50, seed: int = 0, calibration=None,
-               calibration_batches: int = 20) -> nn.Module:
+               calibration_batches: int = 20, full_width: Optional[str] = None) -> nn.Module:
         """A standalone network at ``width``: a multiplier of every morphable group (1.0 = full),
         or ``{group: channels (int) or multiplier (float)}``. Widths above 1.0 extrapolate.
 
@@ -280,19 +382,23 @@ class WeightManifold(nn.Module):
         statistics (``neumeta.calibrate``): a no-op at full width, several points at unseen
         narrower widths. Sampling several widths, pass ``calibration_reference(batches, samples,
         seed)`` instead: the full width is then sampled and measured once.
+
+        ``full_width``: "reference" or "inr", what full width is (default: ``full_width_source``);
+        the reference network is returned as it is, never calibrated.
         """
         counts = self.space.resolve(width)
-        if calibration is not None:
+        source = full_width or self.full_width_source
+        if calibration is not None and not (source == "reference" and dict(counts) == dict(self.space.full)):
             if not isinstance(calibration, Reference):
                 calibration = self.calibration_reference(calibration, samples, seed, calibration_batches)
-            module = self.sample(counts, samples, seed)
+            module = self.sample(counts, samples, seed, full_width=source)
             module.neumeta_calibration = calibrate(module, calibration, self.space, counts,
                                                    positions=self.coord_config.positions)
             return module
         if self.space.is_extrapolation(counts):
             warnings.warn(f"width {width} is wider than the trained network: extrapolating outside the "
                           f"trained range", stacklevel=2)
-        params = self.expected_parameters(counts, samples=samples, seed=seed)
+        params = self.expected_parameters(counts, samples=samples, seed=seed, full_width=source)
         module = self.space.build(counts)
         for name, value in params.items():
             mname, pname = name.rsplit(".", 1)

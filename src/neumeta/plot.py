@@ -9,9 +9,11 @@ from typing import Mapping, Optional
 
 
 def plot_width_curve(curve: Mapping[float, float], path, individual: Optional[Mapping[float, float]] = None,
-                     trained: tuple = (0.5, 1.0), metric: str = "test accuracy %", title: str = "") -> Path:
+                     trained: tuple = (0.5, 1.0), metric: str = "test accuracy %", title: str = "",
+                     matched: Optional[Mapping[float, float]] = None, labels: tuple = ()) -> Path:
     """Line: the manifold's metric at every width of ``curve`` ({width: value in [0, 1]}); dots:
-    individually trained models; shaded: the widths outside the ``trained`` range (never seen)."""
+    individually trained models (``matched``: a second set, e.g. given as much data as the
+    manifold; ``labels`` name the two sets); shaded: the widths outside the ``trained`` range."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -20,10 +22,13 @@ def plot_width_curve(curve: Mapping[float, float], path, individual: Optional[Ma
     widths = sorted(curve)
     ax.plot(widths, [100 * curve[w] for w in widths], "-", color="black", linewidth=2.2, marker=".",
             label="NeuMeta: one manifold, sampled at each width")
-    if individual:
-        xs = sorted(individual)
-        ax.plot(xs, [100 * individual[w] for w in xs], "o", color="tab:red", markersize=8,
-                label="individual models, one trained per width")
+    labels = tuple(labels) + ("individual models, one trained per width",
+                              "individual models given the manifold's data")[len(labels):]
+    for dots, style, color, label in ((individual, "o", "tab:red", labels[0]),
+                                      (matched, "s", "tab:blue", labels[1])):
+        if dots:
+            xs = sorted(dots)
+            ax.plot(xs, [100 * dots[w] for w in xs], style, color=color, markersize=7, label=label)
     lo, hi = min(widths + list(individual or ())), max(widths + list(individual or ()))
     pad = 0.02
     if lo < trained[0]:

@@ -82,17 +82,34 @@ def _dimension(segments: Sequence[Segment], counts: Mapping[str, int], outgoing:
     return torch.block_diag(*blocks)
 
 
+def resampling(layer: MorphLayer, counts: Mapping[str, int], bias: bool, how: str = "cells") -> tuple:
+    """The maps (outputs, inputs or None) that ``apply_resampling`` multiplies a tensor's full-width
+    rows with: built once per width and reused, since only the rows change in training."""
+    if how not in RESAMPLINGS:
+        raise ValueError(f"resample must be one of {RESAMPLINGS}, not {how!r}")
+    out = _dimension(layer.out, counts, True, how)
+    if bias or layer.depthwise:  # one row per output channel (a depthwise kernel reads one input)
+        return out, None
+    return out, _dimension(layer.inp, counts, False, how)
+
+
+def apply_resampling(maps: tuple, rows: torch.Tensor) -> torch.Tensor:
+    """Full-width rows ``[C_out * C_in, elements]`` (a bias: ``[C_out, elements]``) at the width
+    of ``maps`` (``resampling``)."""
+    out, inp = maps
+    out = out.to(rows)
+    if inp is None:
+        return out @ rows
+    inp = inp.to(rows)
+    c_out, c_in = out.shape[1], inp.shape[1]
+    w = rows.reshape(c_out, c_in, -1)
+    return torch.einsum("oj,ik,jke->oie", out, inp, w).reshape(out.shape[0] * inp.shape[0], -1)
+
+
 def resampled_rows(layer: MorphLayer, rows: torch.Tensor, counts: Mapping[str, int], bias: bool,
                    how: str = "cells") -> torch.Tensor:
     """Full-width rows ``[C_out * C_in, elements]`` of one tensor (a bias: ``[C_out, elements]``)
     as rows at ``counts``: the outputs averaged over their cell, the inputs summed (``how="cells"``),
-    or both linearly interpolated at the channel centres (``"linear"``)."""
-    if how not in RESAMPLINGS:
-        raise ValueError(f"resample must be one of {RESAMPLINGS}, not {how!r}")
-    out = _dimension(layer.out, counts, True, how).to(rows)
-    if bias or layer.depthwise:  # one row per output channel (a depthwise kernel reads one input)
-        return out @ rows
-    inp = _dimension(layer.inp, counts, False, how).to(rows)
-    c_out, c_in = out.shape[1], inp.shape[1]
-    w = rows.reshape(c_out, c_in, -1)
-    return torch.einsum("oj,ik,jke->oie", out, inp, w).reshape(out.shape[0] * inp.shape[0], -1)
+    or both linearly interpolated at the channel centres (``"linear"``), or weighted by cell
+    overlap (``"area"``)."""
+    return apply_resampling(resampling(layer, counts, bias, how), rows)

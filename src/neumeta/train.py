@@ -23,6 +23,21 @@ runs the batch through it with ``torch.func.functional_call`` and minimises
 Adam with a constant-LR reconstruction-only pre-fit, then a linear warm-up and a cosine
 decay; an EMA of the INR is what gets evaluated and returned.
 
+``tensor_subset`` < 1 (the paper's "random subset of layers" per step): each joint step draws
+that fraction of the generated tensors from the fit's generator; only their INR blocks run with
+autograd, the others are generated under ``no_grad`` from the same noise draw. Every trained
+network is thus the same function as with all tensors, only the backward is cheaper, and the
+gradient of every loss term (L_recon and L_l2 too) reaches the chosen blocks alone (a detail
+table, plain weights that cost no backward through the INR, still learns everywhere). A
+tensor's expected gradient shrinks by the fraction in every term alike, so their balance is
+kept. The pre-fit always trains every tensor.
+
+When the pre-fit ends, each tensor's relative reconstruction error at full width
+(``reconstruction_errors``) goes into ``FitResult.reconstruction``; tensors above
+``recon_warn`` are named in a ``PoorReconstructionWarning``: the joint phase starts from a
+network that is not the reference there (too small an INR, or too short a pre-fit; with a
+detail table, the INR alone is what the widths below the trained range get).
+
 Checkpoints (``neumeta.checkpoint``: safetensors plus JSON, no pickle, so a crafted file is
 refused rather than run) are written atomically at every evaluation, with the full training
 state: INR, EMA, optimizer, schedule, every random generator (CPU and CUDA) and the history.
@@ -56,7 +71,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import AbstractSet, Dict, Iterator, List, Mapping, Optional, Sequence, Set
 
 import torch
 import torch.distributed as dist
@@ -105,6 +120,10 @@ class FitConfig:
     select_widths: Optional[Sequence[float]] = None  # widths whose mean validation score picks the
                                                      # checkpoint (None: eval_widths); validated too
     eval_samples: int = 1        # noisy draws averaged when evaluating (1 = noise-free centre)
+    tensor_subset: float = 1.0   # fraction of the generated tensors whose INR blocks get gradients each
+                                 # joint step (the rest generated without autograd); 1.0 = all
+    recon_warn: float = 0.25     # warn after the pre-fit about tensors whose relative full-width
+                                 # reconstruction error ||W - W0|| / ||W0|| exceeds this
     seed: int = 0
 
     def __post_init__(self):
@@ -118,6 +137,8 @@ class FitConfig:
             raise ValueError(f"recon_reduction must be 'mean' or 'sum', not {self.recon_reduction!r}")
         if not 0 < self.guard_lr_factor < 1:
             raise ValueError(f"guard_lr_factor must be in (0, 1), not {self.guard_lr_factor}")
+        if not 0 < self.tensor_subset <= 1:
+            raise ValueError(f"tensor_subset must be in (0, 1] (a fraction of the tensors), not {self.tensor_subset}")
         self.eval_widths = tuple(float(w) for w in self.eval_widths)
         if self.select_widths is not None:
             self.select_widths = tuple(float(w) for w in self.select_widths)
@@ -145,6 +166,11 @@ class NeverLearnedWarning(UserWarning):
     returned (and a command writes it), yet it does not work there; it needs a longer schedule."""
 
 
+class PoorReconstructionWarning(UserWarning):
+    """After the pre-fit some tensors' full-width weights are still far from the reference's: the
+    joint phase does not start from the reference network there."""
+
+
 @dataclass
 class FitResult:
     manifold: WeightManifold        # the EMA manifold with the best validation score
@@ -155,6 +181,9 @@ class FitResult:
     step_seconds: float = float("nan")  # mean wall time of a joint (post-pre-fit) step
     learned: bool = True            # False: the chosen checkpoint never left chance at a trained width
     warnings: List[str] = field(default_factory=list)  # what fit warned about (NeverLearnedWarning)
+    full_width: Optional[dict] = None  # INRConfig(full_width="best"): both scores and the choice
+    reconstruction: Dict[str, float] = field(default_factory=dict)  # per tensor, when the pre-fit ended
+                                                                     # (reconstruction_errors)
 
 
 def rank_and_world() -> tuple:
@@ -165,14 +194,54 @@ def rank_and_world() -> tuple:
 
 
 def reconstruction_loss(manifold: WeightManifold, targets: Sequence[torch.Tensor], fraction: float = 1.0,
-                        noise: bool = True, reduction: str = "mean") -> torch.Tensor:
-    """L_recon at full width, estimated on a random ``fraction`` of each tensor's rows (unbiased)."""
+                        noise: bool = True, reduction: str = "mean",
+                        grad_tensors: Optional[AbstractSet[int]] = None) -> torch.Tensor:
+    """L_recon at full width, estimated on a random ``fraction`` of each tensor's rows (unbiased);
+    only the tensors in ``grad_tensors`` (None: all) carry a gradient."""
     rows = None
     if fraction < 1:
         rows = [torch.randperm(t.shape[0], device=t.device)[:max(1, min(t.shape[0], max(64, int(fraction * t.shape[0]))))]
                 for t in targets]
-    values = manifold.row_values(manifold.space.full, noise=noise, rows=rows)
+    values = manifold.row_values(manifold.space.full, noise=noise, rows=rows, detail=False, grad_tensors=grad_tensors)
     return reconstruction_from_values(values, targets, reduction, rows)
+
+
+@torch.no_grad()
+def reconstruction_errors(manifold: WeightManifold) -> Dict[str, float]:
+    """Each generated tensor's relative error at full width, ||W - W0|| / ||W0|| (noise-free INR
+    values, no detail table; the absolute ||W|| where W0 is all zeros): which tensors the INR
+    does not hold, whatever the loss's weighting hides."""
+    values = manifold.row_values(manifold.space.full, noise=False, detail=False)
+    errors = {}
+    for spec, v, w0 in zip(manifold.specs, values, manifold.original_rows()):
+        w0 = w0.to(v)
+        reference = float(w0.norm())
+        errors[spec.name] = float((v - w0).norm()) / (reference if reference > 0 else 1.0)
+    return errors
+
+
+def poor_reconstruction(errors: Mapping[str, float], threshold: float, detail: bool = False) -> Optional[str]:
+    """The warning for tensors above ``threshold`` in ``errors``, or None. ``detail``: the manifold
+    has a detail table, which makes the full width exact whatever the INR holds."""
+    poor = {name: e for name, e in errors.items() if e > threshold}
+    if not poor:
+        return None
+    named = ", ".join(f"{name} {e:.2f}" for name, e in sorted(poor.items(), key=lambda kv: -kv[1]))
+    where = ("the detail table makes the full width exact, but below the trained range, where it fades out, "
+             "the INR is alone" if detail else "the joint phase does not start from the reference network there")
+    return (f"after the pre-fit, the INR's values of {len(poor)} of {len(errors)} generated tensors are more than "
+            f"{threshold:g} (relative error) from the reference at full width: {named}; {where}. A longer pre-fit "
+            "(prefit_steps) or a larger INR (hidden) helps")
+
+
+def draw_tensor_subset(manifold: WeightManifold, config: FitConfig, rng: random.Random) -> Optional[Set[int]]:
+    """This joint step's tensors with gradients (indices into ``manifold.specs``), drawn from the
+    fit's ``rng`` so a resumed fit draws the same ones; None (all) at ``tensor_subset=1``, which
+    draws nothing, so such a fit's random stream is the one it always was."""
+    if config.tensor_subset >= 1:
+        return None
+    n = len(manifold.specs)
+    return set(rng.sample(range(n), max(1, round(config.tensor_subset * n))))
 
 
 def reconstruction_from_values(values: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
@@ -218,13 +287,14 @@ def sample_widths(manifold: WeightManifold, config: FitConfig, rng: random.Rando
 
 
 def evaluate_widths(manifold: WeightManifold, task, batches, widths: Sequence, samples: int = 1,
-                    device=None) -> Dict[float, Dict[str, float]]:
-    """Task metrics of the generated network at each width (no module is built)."""
+                    device=None, full_width: Optional[str] = None) -> Dict[float, Dict[str, float]]:
+    """Task metrics of the generated network at each width (no module is built); at full width
+    ``full_width`` ("reference" or "inr"; default: the manifold's choice, as ``sample`` gives it)."""
     device = device or manifold.device
     template = manifold.space.model
     results = {}
     for width in widths:
-        params = manifold.expected_parameters(width, samples=samples)
+        params = manifold.expected_parameters(width, samples=samples, full_width=full_width)
         results[width] = task.evaluate(lambda x: functional_call(template, params, (x,)), batches, device)
     return results
 
@@ -243,8 +313,10 @@ class _CountingBatches:
 
 
 def validation_scores(manifold: WeightManifold, task, batches, widths: Sequence, samples: int = 1,
-                      device=None) -> Dict[float, float]:
-    """``task.metric`` at each width, over the validation data of every process.
+                      device=None, full_width: str = "inr") -> Dict[float, float]:
+    """``task.metric`` at each width, over the validation data of every process. By default the
+    fit's view, the INR as trained also at full width (the reference there would score the same
+    at every validation and tell the checkpoint choice nothing).
 
     Under torch.distributed each rank evaluates its own shard (of any size, the CLI's loaders
     split unevenly) and the per-example mean is taken over all of them: sum(metric * examples)
@@ -254,13 +326,15 @@ def validation_scores(manifold: WeightManifold, task, batches, widths: Sequence,
     """
     _, world = rank_and_world()
     if world == 1:
-        return {w: m[task.metric] for w, m in evaluate_widths(manifold, task, batches, widths, samples, device).items()}
+        return {w: m[task.metric] for w, m in evaluate_widths(manifold, task, batches, widths, samples, device,
+                                                              full_width=full_width).items()}
     device = device or manifold.device
     sums, counts = [], []
     for width in widths:
         counted = _CountingBatches(batches)
         try:
-            value = evaluate_widths(manifold, task, counted, [width], samples, device)[width][task.metric]
+            value = evaluate_widths(manifold, task, counted, [width], samples, device,
+                                    full_width=full_width)[width][task.metric]
         except ValueError:
             if counted.examples:
                 raise
@@ -302,29 +376,55 @@ def _schedule(config: FitConfig):
 
 
 def task_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence[Mapping[str, int]],
-                    config: FitConfig, original_outputs=None, full_params=None):
+                    config: FitConfig, original_outputs=None, full_params=None,
+                    grad_tensors: Optional[AbstractSet[int]] = None):
     """(task part of the loss, L_l2 part) for one step's trained widths; see the module docstring.
 
     With in-place distillation the full width's generated parameters can be passed in
     (``full_params``), so the step that also uses them for L_recon generates them once.
+    ``grad_tensors``: the tensors whose INR blocks get gradients (``tensor_subset``; None: all).
+
+    A manifold with a detail table (``INRConfig.detail``) trains each width twice from one
+    generation: with the table, and the INR alone, which is what the widths below the trained
+    range get (the table fades out there), taught by the same teachers.
     """
     template = manifold.space.model
     x = batch[0]
     loss, l2 = 0.0, 0.0
     teacher = None
     if config.inplace_distill:
-        full = full_params if full_params is not None else manifold.generate(manifold.space.full, noise=True)
+        full = full_params
+        if full is None:
+            full = manifold.params_from_rows(manifold.row_values(manifold.space.full, noise=True,
+                                                                 grad_tensors=grad_tensors), manifold.space.full)
         teacher = functional_call(template, full, (x,))
         loss = task.loss(teacher, batch)
     for counts in counts_list:
-        params = manifold.generate(counts, noise=True)
-        outputs = functional_call(template, params, (x,))
-        loss = loss + (inplace_distillation(task, outputs, teacher) if teacher is not None
-                       else task.loss(outputs, batch))
-        if original_outputs is not None and config.original_distill:
-            loss = loss + task.distill(outputs, original_outputs)
-        l2 = l2 + l2_loss(params)
+        values = manifold.row_values(counts, noise=True, detail=False, grad_tensors=grad_tensors)
+        networks = [manifold.params_from_rows(manifold.with_detail(values, counts), counts)]
+        if manifold.detail is not None:
+            networks.append(manifold.params_from_rows(values, counts))
+        for params in networks:
+            outputs = functional_call(template, params, (x,))
+            loss = loss + (inplace_distillation(task, outputs, teacher) if teacher is not None
+                           else task.loss(outputs, batch))
+            if original_outputs is not None and config.original_distill:
+                loss = loss + task.distill(outputs, original_outputs)
+            l2 = l2 + l2_loss(params)
     return loss, l2
+
+
+def choose_full_width(manifold: WeightManifold, task, val_loader, config: FitConfig, device) -> Optional[dict]:
+    """With ``INRConfig(full_width="best")``: the reference network and the INR's own full width
+    scored on the validation data (as the fit validates: ``eval_samples`` draws), and the better
+    one (the reference on a tie) set as what ``sample`` gives at full width. None where there is
+    no choice to make (another setting, or no validation data: the reference stays)."""
+    if manifold.inr_config.full_width != "best" or val_loader is None:
+        return None
+    scores = {source: validation_scores(manifold, task, val_loader, [1.0], config.eval_samples, device,
+                                        full_width=source)[1.0] for source in ("reference", "inr")}
+    manifold.full_width_choice = "inr" if scores["inr"] > scores["reference"] else "reference"
+    return {**scores, "chosen": manifold.full_width_choice}
 
 
 def never_learned(state: dict, config: FitConfig, chance: float, metric: str) -> Optional[str]:
@@ -354,7 +454,8 @@ def is_collapsed(score: float, chance: float, margin: float) -> bool:
 
 
 # FitConfig fields that only say how a run is watched: a checkpoint may be resumed with other values
-WATCH_ONLY = ("eval_every", "eval_samples", "guard", "guard_retries", "guard_lr_factor", "collapse_margin")
+WATCH_ONLY = ("eval_every", "eval_samples", "guard", "guard_retries", "guard_lr_factor", "collapse_margin",
+              "recon_warn")
 
 
 def check_resumable(saved: Mapping, config: FitConfig, checkpoint) -> None:
@@ -451,6 +552,15 @@ def share_rank0_weights(manifold: WeightManifold, base_sha256: str) -> None:
     with torch.no_grad():
         for tensor in [*manifold.parameters(), *manifold.buffers()]:
             dist.broadcast(tensor, src=0)
+
+
+def record_reconstruction(manifold: WeightManifold, state: dict, config: FitConfig, rank: int) -> None:
+    """The pre-fit's result, kept in the training state (checkpointed: a resumed fit returns it
+    too); warns about the tensors above ``recon_warn``."""
+    state["reconstruction"] = reconstruction_errors(manifold)
+    why = poor_reconstruction(state["reconstruction"], config.recon_warn, manifold.detail is not None)
+    if why is not None and rank == 0:
+        warnings.warn(why, PoorReconstructionWarning, stacklevel=3)
 
 
 def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: FitConfig = FitConfig(),
@@ -579,19 +689,22 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
     manifold.train()
     step = state["step"]
     while step < total:
+        if step == config.prefit_steps and "reconstruction" not in state:  # not part of the step's time
+            record_reconstruction(manifold, state, config, rank)
         started = time.perf_counter()
         batch = [t.to(device) for t in next(batches)]
         prefit = step < config.prefit_steps
         counts, full_params = full, None
+        subset = None if prefit else draw_tensor_subset(manifold, config, rng)
         if not prefit and config.inplace_distill and config.recon_noise:
             # the teacher's noisy full-width rows are exactly what L_recon needs: one generation,
             # and L_recon on every row instead of a random subset
-            values = manifold.row_values(full, noise=True)
+            values = manifold.row_values(full, noise=True, detail=False, grad_tensors=subset)
             recon = reconstruction_from_values(values, targets, config.recon_reduction)
-            full_params = manifold.params_from_rows(values, full)
+            full_params = manifold.params_from_rows(manifold.with_detail(values, full), full)
         else:
             recon = reconstruction_loss(manifold, targets, config.recon_rows, config.recon_noise,
-                                        config.recon_reduction)
+                                        config.recon_reduction, grad_tensors=subset)
         if prefit:
             loss, task_loss = config.recon_weight * recon, torch.zeros(())
         else:
@@ -600,7 +713,8 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
             if config.original_distill:
                 with torch.no_grad():
                     original_outputs = template(batch[0])
-            task_loss, l2 = task_loss_terms(manifold, task, batch, trained, config, original_outputs, full_params)
+            task_loss, l2 = task_loss_terms(manifold, task, batch, trained, config, original_outputs, full_params,
+                                            subset)
             loss = task_loss + config.recon_weight * recon + config.l2_weight * l2
         finite = torch.isfinite(loss.detach()).float()
         if world > 1:  # every process rolls back together, or none does
@@ -618,14 +732,20 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
                     p.grad /= world
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(manifold.parameters(), config.grad_clip)
+        if config.grad_clip:  # the INR's; a detail table is plain weights, left to Adam as they are
+            table = {id(p) for p in manifold.detail.parameters()} if manifold.detail is not None else set()
+            torch.nn.utils.clip_grad_norm_([p for p in manifold.parameters() if id(p) not in table], config.grad_clip)
         optimizer.step()
         scheduler.step()
         with torch.no_grad():  # the EMA warms up, so short runs are not dominated by the initial INR
             decay = min(config.ema, (1 + step) / (10 + step))
             for e, p in zip(ema.parameters(), manifold.parameters()):
                 e.lerp_(p, 1 - decay)
+        if manifold.detail is not None and step + 1 == config.prefit_steps:
+            # the pre-fit's INR holds the reference only roughly: the detail table takes the rest, so
+            # the joint phase starts from the reference network exactly
+            manifold.anchor_detail()
+            ema.anchor_detail()
         if not prefit:
             state["joint_seconds"] += time.perf_counter() - started
             state["joint_steps"] += 1
@@ -642,6 +762,8 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
                 bar.reset(total=total)
                 bar.update(step)
     bar.close()
+    if step == config.prefit_steps and "reconstruction" not in state:  # a fit of pre-fit steps alone
+        record_reconstruction(manifold, state, config, rank)
     why = never_learned(state, config, chance, task.metric) if chance is not None else None
     if why is not None and rank == 0:
         warnings.warn(why, NeverLearnedWarning, stacklevel=2)
@@ -649,6 +771,11 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
         ema.load_state_dict(state["best"])
     manifold.eval()
     ema.eval()
+    full_width = choose_full_width(ema, task, val_loader, config, device)
+    if full_width and rank == 0 and progress:
+        tqdm.write(f"full width: {full_width['chosen']} (validation {task.metric}: reference "
+                   f"{full_width['reference']:.4f}, INR {full_width['inr']:.4f})")
     return FitResult(ema, state["best_score"], state["best_step"], state["history"], state["rollbacks"],
                      state["joint_seconds"] / max(1, state["joint_steps"]), learned=why is None,
-                     warnings=[why] if why else [])
+                     warnings=[why] if why else [], reconstruction=dict(state.get("reconstruction", {})),
+                     full_width=full_width)

@@ -1,0 +1,206 @@
+"""What a fit step costs, and how far it is from what the INR's arithmetic needs.
+
+    PYTHONPATH=src python benchmarks/step_cost.py                  # this machine's CPU
+    PYTHONPATH=src python benchmarks/step_cost.py --device cuda    # a GPU
+    PYTHONPATH=src python benchmarks/step_cost.py --steps 2 --models lenet   # a quick look
+
+For LeNet (Fashion-MNIST), ResNet-20 with every channel group morphed and ResNet-20 with the
+paper's groups (``groups="paper"``, the last block of layer3; Fashion-MNIST padded to 3x32x32),
+batches of 128, a fresh base network and a default-recipe manifold built from it (no
+permutation: it changes no cost), one row per option: ``tensor_subset`` 1.0 and 0.25 (the
+fraction of tensors whose INR blocks get gradients each step), the batched INR path off and on.
+Each row gives
+
+- fit step / plain step: a default joint fit step (``recipe_benchmark.fit_step_seconds``)
+  against a plain training step of the full network (``plain_step_seconds``), timed back to back
+  in one process, so load from other jobs slows both alike;
+- the INR's matmul FLOPs per step (the rows it really generates, forward, and backward where
+  autograd runs; padding rows of the batched path not counted), the time they take at the dense
+  matmul rate measured in the same row (fp32, square 1024 matrices: the machine's bound), and
+  that time as a fraction of the measured fit step: how much of the step is arithmetic the INR
+  must do, the rest being overhead (launches, Python, memory traffic, the task networks);
+- peak memory of the timed fit (EMA copy and optimizer state included): on a GPU
+  ``torch.cuda.max_memory_allocated`` above what was allocated before, on a CPU the rise of the
+  peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``; freed memory is given
+  back first with ``malloc_trim``).
+
+Appends a section (date, device, threads, steps) to ``benchmarks/results/step-cost.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `benchmarks` as a package, whatever the working directory
+try:
+    import neumeta  # noqa: F401
+except ImportError:  # let the script run without PYTHONPATH=src as well
+    sys.path.insert(0, str(ROOT / "src"))
+from benchmarks.recipe_benchmark import device_name, fit_step_seconds, plain_step_seconds
+from neumeta.experiment import DataConfig, build_manifold, load_data
+from neumeta.inr import BlockMLP
+from neumeta.models import create_model
+from neumeta.train import FitConfig
+
+RESULTS = Path(__file__).resolve().parent / "results" / "step-cost.md"
+# (label, registry model, dataset, WidthSpace groups)
+MODELS = {"lenet": ("lenet", "fashion-mnist", None),
+          "resnet20": ("resnet20", "fashion-mnist-32x3", None),
+          "resnet20-paper": ("resnet20", "fashion-mnist-32x3", "paper")}
+OPTIONS = [(1.0, False), (0.25, False), (1.0, True), (0.25, True)]  # (tensor_subset, batched)
+HEADER = """# Fit step cost
+
+Written by `benchmarks/step_cost.py` (see its docstring for what each column measures).
+"fit ÷ plain": a default fit step over a plain step of the full network; "INR at the bound":
+the INR's matmul FLOPs of one step at the matmul rate measured beside it; "of the step": that
+over the fit step (1.0 = the step does nothing but the INR's arithmetic at full speed).
+"""
+COLUMNS = ("| model | tensors (rows at full width) | tensor_subset | batched INR | plain step (ms) | fit step (ms) "
+           "| fit ÷ plain | INR GFLOP / step | matmul GFLOP/s | INR at the bound (ms) | of the step | peak memory (MiB) |\n"
+           "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+
+
+def matmul_gflops(device: str, n: int = 1024, reps: int = 5) -> float:
+    """The best fp32 dense matmul rate of ``reps`` square ``n`` products: the bound."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    sync()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
+
+
+def row_flops(inr: BlockMLP) -> tuple:
+    """(forward, backward) matmul FLOPs per generated row: the backward takes every weight's
+    gradient and every layer's input gradient but the first's (the Fourier features need none)."""
+    in_dim, h = inr.w_in.shape[1:]
+    hidden, out = inr.w_hidden.shape[1], inr.w_out.shape[2]
+    forward = 2 * (in_dim * h + hidden * h * h + h * out)
+    return forward, forward + 2 * (hidden * h * h + h * out)
+
+
+@contextlib.contextmanager
+def counting_flops(inr: BlockMLP) -> Iterator[List[float]]:
+    """Counts the INR's matmul FLOPs of the real rows it runs (autograd on or off) into [total]."""
+    forward, backward = row_flops(inr)
+    total = [0.0]
+    original = inr.forward
+
+    def counted(inputs, block_ids, batched=False):
+        rows = sum(x.shape[0] for x in inputs)
+        total[0] += rows * (forward + (backward if torch.is_grad_enabled() else 0))
+        return original(inputs, block_ids, batched=batched)
+
+    inr.forward = counted
+    try:
+        yield total
+    finally:
+        del inr.forward
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+@contextlib.contextmanager
+def peak_memory(device: str) -> Iterator[Dict[str, float]]:
+    """{"mib": peak rise in MiB} of what runs inside (see the module docstring); NaN where the
+    CPU's peak cannot be reset (not Linux)."""
+    result = {"mib": float("nan")}
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        yield result
+        torch.cuda.synchronize()
+        result["mib"] = (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        before = _rss_kib("VmRSS")
+    except OSError:
+        yield result
+        return
+    yield result
+    result["mib"] = (_rss_kib("VmHWM") - before) / 1024
+
+
+def measure(label: str, data, device: str, subset: float, batched: bool, steps: int) -> dict:
+    """One row: fit and plain steps back to back, the INR's FLOPs, the matmul rate, peak memory."""
+    name, _, groups = MODELS[label]
+    torch.manual_seed(0)
+    manifold = build_manifold(create_model(name).to(device), data.example.to(device), groups=groups,
+                              smoothing=False, log=lambda *_: None).to(device)
+    manifold.batched = batched
+    config = FitConfig(tensor_subset=subset)
+    with warnings.catch_warnings():  # a fresh INR reconstructs nothing: PoorReconstructionWarning
+        warnings.simplefilter("ignore")
+        fit_step_seconds(manifold, data, config, 1)  # warm-up
+        with counting_flops(manifold.inr) as once:  # what a fit call costs besides its steps
+            fit_step_seconds(manifold, data, config, 0)
+        with counting_flops(manifold.inr) as flops, peak_memory(device) as memory:
+            fit_s = fit_step_seconds(manifold, data, config, steps)
+    plain_s = plain_step_seconds(name, data, 1e-3, 0, device, 2 * steps + 5)
+    rate = matmul_gflops(device)
+    gflop = (flops[0] - once[0]) / steps / 1e9
+    rows = sum(c.shape[0] for c, _ in manifold._coordinates(manifold.space.full))
+    return {"model": label, "tensors": len(manifold.specs), "rows": rows, "subset": subset, "batched": batched,
+            "plain_ms": 1e3 * plain_s, "fit_ms": 1e3 * fit_s, "gflop": gflop, "rate": rate,
+            "bound_ms": 1e3 * gflop / rate, "memory_mib": memory["mib"]}
+
+
+def table_row(r: dict) -> str:
+    return (f"| {r['model']} | {r['tensors']} ({r['rows']:,}) | {r['subset']:g} | {'on' if r['batched'] else 'off'} "
+            f"| {r['plain_ms']:.1f} | {r['fit_ms']:.0f} | {r['fit_ms'] / r['plain_ms']:.1f} | {r['gflop']:.2f} "
+            f"| {r['rate']:.0f} | {r['bound_ms']:.0f} | {r['bound_ms'] / r['fit_ms']:.2f} | {r['memory_mib']:.0f} |\n")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=3, help="fit steps timed per row (plain steps: 2x + 5)")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--note", default="", help="a line written under the section's heading")
+    parser.add_argument("--results", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    section = ""
+    datasets: Dict[str, object] = {}
+    for label in args.models:
+        dataset = MODELS[label][1]
+        if dataset not in datasets:
+            datasets[dataset] = load_data(DataConfig(dataset=dataset), 0)
+        for subset, batched in OPTIONS:
+            row = table_row(measure(label, datasets[dataset], args.device, subset, batched, args.steps))
+            print(row, end="", flush=True)
+            section += row
+    minutes = (time.perf_counter() - started) / 60
+    heading = (f"\n## {time.strftime('%Y-%m-%d')}, {device_name(args.device)}, {args.steps} fit steps per row "
+               f"({minutes:.0f} min)\n\n" + (f"{args.note}\n\n" if args.note else ""))
+    results = Path(args.results)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    text = results.read_text() if results.exists() else HEADER
+    results.write_text(text + heading + COLUMNS + section)
+    print(f"appended to {results}")
+
+
+if __name__ == "__main__":
+    main()
