@@ -41,7 +41,8 @@ from neumeta.inr import INRConfig
 from neumeta.io import atomic_write, load_model, save_model
 from neumeta.models import create_model, width_kwargs
 from neumeta.recipes import recipe_options
-from neumeta.train import DivergenceError, FitConfig, NeverLearnedWarning, endless_batches, fit, is_collapsed
+from neumeta.train import (WATCH_ONLY, DivergenceError, FitConfig, NeverLearnedWarning, endless_batches, fit,
+                           is_collapsed)
 
 WIDTHS = (1.0, 0.75, 0.5, 0.375, 0.25, 0.125)  # gamma = 0, 25, 50, 62.5, 75, 87.5 %
 # How the test numbers sample a network (WeightManifold.noise_counts): K draws whose noise is
@@ -321,7 +322,7 @@ def run_variant(name: str, tree: dict, config: RecipeBenchmarkConfig, schedule: 
                "inr": dataclasses.asdict(inr), "sampling": SAMPLING, "calibration": CALIBRATION}
     cached = _cached(path)
     if cached is not None:
-        if json.loads(json.dumps(options)) != cached.get("options"):
+        if _results_options(json.loads(json.dumps(options))) != _results_options(cached.get("options")):
             raise ValueError(f"{path} was fitted or measured with other options than variant {name!r} has now "
                                f"(the defaults changed?); delete {folder} to fit it again")
         _check_base(cached, base_digest, f"seed {seed} of {name!r}", log)
@@ -355,6 +356,14 @@ def run_variant(name: str, tree: dict, config: RecipeBenchmarkConfig, schedule: 
     log(f"seed {seed}: {name}: " + ", ".join(f"{float(w):g}: {100 * a:.2f}" for w, a in test.items()))
     _write_json(path, result)
     return result
+
+
+def _results_options(options: Optional[dict]) -> Optional[dict]:
+    """The options a result depends on: all but the fit's watch-only ones (how a run is watched and
+    warned about, e.g. ``recon_warn``), which a checkpoint may also be resumed with changed."""
+    if not options:
+        return options
+    return {**options, "fit": {k: v for k, v in options.get("fit", {}).items() if k not in WATCH_ONLY}}
 
 
 def _fitted(tree: dict, config: RecipeBenchmarkConfig, schedule: Schedule, seed: int, data, out: Path,

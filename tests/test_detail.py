@@ -4,12 +4,12 @@ manifold was built from, before training and again after the pre-fit; below the 
 manifold is the INR alone, which fit trains on its own too."""
 import pytest
 import torch
-import torch.nn as nn
 
 import neumeta as nm
 from neumeta.data import TensorLoader
 from neumeta.experiment import build_manifold
 from neumeta.train import FitConfig, task_loss_terms
+from helpers import TwoLayer
 
 DETAIL = nm.INRConfig(hidden=16, depth=3, frequencies=2, detail=True)
 
@@ -80,15 +80,6 @@ def test_below_the_range_the_manifold_is_the_inr_alone():
     counts = manifold.space.resolve(0.75)  # in the range the table is there
     assert any(not torch.equal(a, b) for a, b in zip(manifold.row_values(counts),
                                                       manifold.row_values(counts, detail=False)))
-
-
-class TwoLayer(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(6, 12), nn.Linear(12, 4)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x)))
 
 
 def test_fit_trains_each_width_with_the_table_and_the_inr_alone():

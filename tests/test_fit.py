@@ -10,6 +10,7 @@ from neumeta.checkpoint import load_checkpoint
 from neumeta.data import TensorLoader, load_fashion_mnist
 from neumeta.supervised import train_supervised
 from neumeta.data.fashion_mnist import fashion_mnist_available
+from helpers import Crash, CrashingTask
 
 pytestmark = pytest.mark.skipif(not fashion_mnist_available(), reason="needs Fashion-MNIST (`make test` gets it)")
 
@@ -46,22 +47,6 @@ def test_fit_lowers_the_loss_on_a_real_batch(real):
         assert after[w] < before[w] - 0.5, (w, before[w], after[w])
 
 
-class _Crash(Exception):
-    pass
-
-
-class _CrashingTask(nm.ClassificationTask):
-    def __init__(self, crash_at):
-        super().__init__(10)
-        self.calls, self.crash_at = 0, crash_at
-
-    def loss(self, outputs, batch):
-        self.calls += 1
-        if self.calls == self.crash_at:
-            raise _Crash()
-        return super().loss(outputs, batch)
-
-
 @pytest.mark.filterwarnings("ignore::neumeta.NeverLearnedWarning")  # short on purpose
 def test_resume_continues_exactly_where_it_stopped(real, tmp_path):
     base, x, y, task = real
@@ -80,8 +65,8 @@ def test_resume_continues_exactly_where_it_stopped(real, tmp_path):
 
     ckpt = tmp_path / "fit.ckpt"
     broken = fresh()
-    with pytest.raises(_Crash):  # dies after the checkpoint of step 21, during step 24
-        nm.fit(broken, _CrashingTask(crash_at=20), loader, val, config, checkpoint=str(ckpt), progress=False)
+    with pytest.raises(Crash):  # dies after the checkpoint of step 21, during step 24
+        nm.fit(broken, CrashingTask(crash_at=20), loader, val, config, checkpoint=str(ckpt), progress=False)
     saved_step = load_checkpoint(ckpt)["state"]["step"]
     assert saved_step == 21
     resumed = fresh()

@@ -11,6 +11,7 @@ import neumeta as nm
 from neumeta.data import TensorLoader
 from neumeta.experiment import build_manifold
 from neumeta.train import FitConfig, evaluate_widths, validation_scores
+from helpers import TwoLayer
 
 TINY = nm.INRConfig(hidden=16, depth=3, frequencies=2)
 
@@ -43,15 +44,6 @@ def test_narrower_widths_are_the_inrs_alone():
         without = manifold.expected_parameters(width, samples=3, full_width="inr")
         assert with_reference.keys() == without.keys()
         assert all(torch.equal(with_reference[k], without[k]) for k in without)
-
-
-class TwoLayer(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(6, 12), nn.Linear(12, 4)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x)))
 
 
 def _fitted(steps, base_steps=0):

@@ -10,6 +10,7 @@ import neumeta as nm
 from neumeta.checkpoint import load_checkpoint
 from neumeta.data import TensorLoader
 from neumeta.train import FitConfig, reconstruction_errors, reconstruction_from_values, task_loss_terms
+from helpers import Crash, CrashingTask
 
 
 def _manifold(seed=1, **inr):
@@ -89,30 +90,14 @@ def test_one_joint_step_moves_only_the_drawn_blocks():
     assert len(moved) == round(0.3 * len(manifold.specs))
 
 
-class _Crash(Exception):
-    pass
-
-
-class _CrashingTask(nm.ClassificationTask):
-    def __init__(self, crash_at):
-        super().__init__(10)
-        self.calls, self.crash_at = 0, crash_at
-
-    def loss(self, outputs, batch):
-        self.calls += 1
-        if self.calls == self.crash_at:
-            raise _Crash()
-        return super().loss(outputs, batch)
-
-
 @pytest.mark.filterwarnings("ignore::neumeta.NeverLearnedWarning", "ignore::neumeta.PoorReconstructionWarning")
 def test_a_subset_fit_checkpoints_and_resumes_exactly(tmp_path):
     unbroken = _manifold()
     unbroken_result = _fit(unbroken, nm.ClassificationTask(10))
     ckpt = tmp_path / "fit.ckpt"
     broken = _manifold()
-    with pytest.raises(_Crash):  # one loss call per joint step (the teacher's): dies in the 8th step,
-        _fit(broken, _CrashingTask(crash_at=6), checkpoint=ckpt)  # after the checkpoint of step 6
+    with pytest.raises(Crash):  # one loss call per joint step (the teacher's): dies in the 8th step,
+        _fit(broken, CrashingTask(crash_at=6), checkpoint=ckpt)  # after the checkpoint of step 6
     assert load_checkpoint(ckpt)["state"]["step"] == 6
     resumed = _manifold()
     resumed_result = _fit(resumed, nm.ClassificationTask(10), checkpoint=ckpt, resume=True)

@@ -122,8 +122,10 @@ class FitConfig:
     eval_samples: int = 1        # noisy draws averaged when evaluating (1 = noise-free centre)
     tensor_subset: float = 1.0   # fraction of the generated tensors whose INR blocks get gradients each
                                  # joint step (the rest generated without autograd); 1.0 = all
-    recon_warn: float = 0.25     # warn after the pre-fit about tensors whose relative full-width
-                                 # reconstruction error ||W - W0|| / ||W0|| exceeds this
+    recon_warn: float = 0.75     # warn after the pre-fit about tensors whose relative full-width
+                                 # reconstruction error ||W - W0|| / ||W0|| exceeds this: one the
+                                 # pre-fit has barely moved (measured, LeNet after the default 1,000
+                                 # steps: 0.05-0.67, full width at 87 % against the base's 88.5 %)
     seed: int = 0
 
     def __post_init__(self):
