@@ -24,9 +24,11 @@ def test_cell_targets_pool_narrower_and_pick_wider():
 
 
 def test_full_width_calibration_is_the_identity(small_manifold):
+    """The INR's own full width calibrated to itself (the reference at full width is never
+    calibrated: tests/test_full_width.py)."""
     inputs = _inputs((1, 28, 28))
-    net = small_manifold.sample(1.0, samples=1)
-    calibrated = small_manifold.sample(1.0, samples=1, calibration=inputs)
+    net = small_manifold.sample(1.0, samples=1, full_width="inr")
+    calibrated = small_manifold.sample(1.0, samples=1, calibration=inputs, full_width="inr")
     assert calibrated.neumeta_calibration.layers == ["conv1", "conv2", "fc1", "fc2", "fc3"]  # the classifier too
     x = torch.randn(8, 1, 28, 28)
     reference = net(x)
@@ -39,7 +41,7 @@ def test_every_calibrated_layer_has_its_cells_statistics(small_manifold, width):
     inputs = _inputs((1, 28, 28))
     counts = space.resolve(width)
     net = small_manifold.sample(counts, samples=1)
-    reference = small_manifold.sample(1.0, samples=1)
+    reference = small_manifold.sample(1.0, samples=1, full_width="inr")
     before = [p.numel() for p in net.parameters()]
     report = calibrate(net, reference, space, counts, inputs)
     assert [p.numel() for p in net.parameters()] == before  # folded into the same weights and biases
@@ -63,7 +65,7 @@ def test_residual_streams_and_bias_free_layers_are_calibrated():
     inputs = _inputs((3, 32, 32), n=2, batch=8)
     counts = space.resolve(0.5)
     net = manifold.sample(counts, samples=1)
-    report = calibrate(net, manifold.sample(1.0, samples=1), space, counts, inputs)
+    report = calibrate(net, manifold.sample(1.0, samples=1, full_width="inr"), space, counts, inputs)
     assert len(report.layers) == len(calibratable(space)) > 10
     assert torch.isfinite(net(inputs[0])).all()
 
@@ -71,7 +73,7 @@ def test_residual_streams_and_bias_free_layers_are_calibrated():
 def test_bad_input_is_named(small_manifold):
     space = small_manifold.space
     net = small_manifold.sample(0.5, samples=1)
-    reference = small_manifold.sample(1.0, samples=1)
+    reference = small_manifold.sample(1.0, samples=1, full_width="inr")
     with pytest.raises(ValueError, match="at least one batch"):
         calibrate(net, reference, space, space.resolve(0.5), [])
     with pytest.raises(ValueError, match="conv1"):
