@@ -41,8 +41,8 @@ from neumeta.inr import INRConfig
 from neumeta.io import atomic_write, load_model, save_model
 from neumeta.models import create_model, width_kwargs
 from neumeta.recipes import recipe_options
-from neumeta.train import (WATCH_ONLY, DivergenceError, FitConfig, NeverLearnedWarning, endless_batches, fit,
-                           is_collapsed)
+from neumeta.train import (WATCH_ONLY, DivergenceError, FitConfig, NeverLearnedWarning, endless_batches,
+                           evaluate_widths, fit, is_collapsed)
 
 WIDTHS = (1.0, 0.75, 0.5, 0.375, 0.25, 0.125)  # gamma = 0, 25, 50, 62.5, 75, 87.5 %
 # How the test numbers sample a network (WeightManifold.noise_counts): K draws whose noise is
@@ -414,9 +414,8 @@ def _evaluate(manifold, data, schedule: Schedule, seed: int, device, calibrated:
 def _evaluate_inr_full_width(manifold, data, schedule: Schedule, seed: int, device) -> tuple:
     """(test, validation) accuracy of the INR's own full width, which sampling may replace by the
     reference network (``INRConfig.full_width``): what the default of 2026-12-02 gave."""
-    params = manifold.expected_parameters(1.0, samples=schedule.samples, seed=seed, full_width="inr")
-    net = lambda x: torch.func.functional_call(manifold.space.model, params, (x,))  # noqa: E731
-    return tuple(data.task.evaluate(net, split, device)[data.task.metric] for split in (data.test, data.val))
+    return tuple(evaluate_widths(manifold, data.task, split, [1.0], schedule.samples, device, full_width="inr",
+                                 seed=seed)[1.0][data.task.metric] for split in (data.test, data.val))
 
 
 def _evaluate_whole_cell(manifold, data, schedule: Schedule, seed: int, config) -> Dict[str, float]:

@@ -176,27 +176,20 @@ class WeightManifold(nn.Module):
         return {s.name: state[s.name] for s in self.specs}
 
     def _coordinates(self, counts: Mapping[str, int]):
-        key = tuple(sorted(counts.items()))
-        if key not in self._coord_cache:
-            if len(self._coord_cache) > 64:
-                self._coord_cache.clear()
+        def build():
             tables = []
             for s in self.specs:
                 coords, noise = tensor_coordinates(self.space, s.layer, counts, s.bias, self.coord_config,
                                                    self._noise_counts)
                 tables.append((coords.to(self.device), noise.to(self.device)))
-            self._coord_cache[key] = tables
-        return self._coord_cache[key]
+            return tables
+        return _per_width(self._coord_cache, counts, build)
 
     def _base_rows(self, counts: Mapping[str, int]) -> List[torch.Tensor]:
         """The reference weights resampled to ``counts``, row layout (what a residual INR corrects)."""
-        key = tuple(sorted(counts.items()))
-        if key not in self._base_cache:
-            if len(self._base_cache) > 64:
-                self._base_cache.clear()
-            self._base_cache[key] = [resampled_rows(s.layer, rows, counts, s.bias, self.inr_config.residual)
-                                     for s, rows in zip(self.specs, self.original_rows())]
-        return self._base_cache[key]
+        return _per_width(self._base_cache, counts, lambda: [
+            resampled_rows(s.layer, rows, counts, s.bias, self.inr_config.residual)
+            for s, rows in zip(self.specs, self.original_rows())])
 
     def _rows_to_tensor(self, s: TensorSpec, rows: torch.Tensor, counts: Mapping[str, int]) -> torch.Tensor:
         c_in, c_out = self.space.layer_channels(s.layer, counts)
@@ -297,16 +290,13 @@ class WeightManifold(nn.Module):
         times its gate; the values themselves where there is no table."""
         if self.detail is None:
             return list(values)
-        key = tuple(sorted(counts.items()))
-        if key not in self._detail_maps:
-            if len(self._detail_maps) > 64:
-                self._detail_maps.clear()
-            self._detail_maps[key] = [resampling(s.layer, counts, s.bias, "area") for s in self.specs]
+        maps = _per_width(self._detail_maps, counts,
+                          lambda: [resampling(s.layer, counts, s.bias, "area") for s in self.specs])
         out = []
         for i, (s, v) in enumerate(zip(self.specs, values)):
             gate = self.detail_gate(s, counts)
             if gate > 0:
-                d = apply_resampling(self._detail_maps[key][i], self.detail[i])
+                d = apply_resampling(maps[i], self.detail[i])
                 v = v + gate * (d if rows is None else d[rows[i]])
             out.append(v)
         return out
@@ -318,18 +308,23 @@ class WeightManifold(nn.Module):
         network exactly (to float rounding). ``fit`` calls it when the pre-fit ends."""
         if self.detail is None:
             raise ValueError("anchor_detail: this manifold has no detail table (INRConfig(detail=True))")
-        full = self.space.full
-        if samples == 1 or self.coord_config.noise == 0:
-            mean = self.row_values(full, noise=False, detail=False)
-        else:
-            gen = torch.Generator().manual_seed(seed)
-            total = None
-            for _ in range(samples):
-                v = self.row_values(full, noise=True, generator=gen, detail=False)
-                total = v if total is None else [a + b for a, b in zip(total, v)]
-            mean = [t / samples for t in total]
+        mean = self.mean_row_values(self.space.full, samples, seed, detail=False)
         for table, reference, inr in zip(self.detail, self.original_rows(), mean):
             table.copy_(reference - inr)
+
+    @torch.no_grad()
+    def mean_row_values(self, counts: Mapping[str, int], samples: int = 50, seed: int = 0,
+                        detail: bool = True) -> List[torch.Tensor]:
+        """``row_values`` at ``counts`` averaged over ``samples`` noisy coordinate draws from
+        ``seed`` (Eq. 9 of the paper; the noise-free centres where there is one draw or no noise)."""
+        if samples == 1 or self.coord_config.noise == 0:
+            return self.row_values(counts, noise=False, detail=detail)
+        gen = torch.Generator().manual_seed(seed)
+        total = None
+        for _ in range(samples):
+            values = self.row_values(counts, noise=True, generator=gen, detail=detail)
+            total = values if total is None else [a + b for a, b in zip(total, values)]
+        return [t / samples for t in total]
 
     def generate(self, width: Width = 1.0, noise: bool = False,
                  generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
@@ -352,14 +347,7 @@ class WeightManifold(nn.Module):
         counts = self.space.resolve(width) if not _is_counts(width, self.space) else width
         if (full_width or self.full_width_source) == "reference" and dict(counts) == dict(self.space.full):
             return {name: w.detach().clone() for name, w in self.original_parameters().items()}
-        if samples == 1 or self.coord_config.noise == 0:
-            return self.generate(counts, noise=False)
-        gen = torch.Generator().manual_seed(seed)
-        total = None
-        for _ in range(samples):
-            params = self.generate(counts, noise=True, generator=gen)
-            total = params if total is None else {k: total[k] + v for k, v in params.items()}
-        return {k: v / samples for k, v in total.items()}
+        return self.params_from_rows(self.mean_row_values(counts, samples, seed), counts)
 
     @torch.no_grad()
     def calibration_reference(self, batches, samples: int = 50, seed: int = 0, num_batches: int = 20) -> Reference:
@@ -412,6 +400,17 @@ class WeightManifold(nn.Module):
         """Write the manifold (INR + reference network + metadata) to one safetensors file."""
         from .io import save_manifold
         return save_manifold(self, path, extra)
+
+
+def _per_width(cache: Dict[tuple, list], counts: Mapping[str, int], build) -> list:
+    """``cache``'s entry for the channel counts ``counts``, built by ``build()`` the first time;
+    the cache is emptied past 64 widths (a fit draws a new one every step)."""
+    key = tuple(sorted(counts.items()))
+    if key not in cache:
+        if len(cache) > 64:
+            cache.clear()
+        cache[key] = build()
+    return cache[key]
 
 
 def _is_counts(width, space: WidthSpace) -> bool:

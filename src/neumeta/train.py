@@ -289,14 +289,15 @@ def sample_widths(manifold: WeightManifold, config: FitConfig, rng: random.Rando
 
 
 def evaluate_widths(manifold: WeightManifold, task, batches, widths: Sequence, samples: int = 1,
-                    device=None, full_width: Optional[str] = None) -> Dict[float, Dict[str, float]]:
-    """Task metrics of the generated network at each width (no module is built); at full width
-    ``full_width`` ("reference" or "inr"; default: the manifold's choice, as ``sample`` gives it)."""
+                    device=None, full_width: Optional[str] = None, seed: int = 0) -> Dict[float, Dict[str, float]]:
+    """Task metrics of the generated network at each width (no module is built), its weights
+    averaged over ``samples`` draws from ``seed``; at full width ``full_width`` ("reference" or
+    "inr"; default: the manifold's choice, as ``sample`` gives it)."""
     device = device or manifold.device
     template = manifold.space.model
     results = {}
     for width in widths:
-        params = manifold.expected_parameters(width, samples=samples, full_width=full_width)
+        params = manifold.expected_parameters(width, samples=samples, seed=seed, full_width=full_width)
         results[width] = task.evaluate(lambda x: functional_call(template, params, (x,)), batches, device)
     return results
 
@@ -686,6 +687,10 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
         return None
 
     original_outputs = None
+    # the INR's parameters; a detail table is plain weights, left to Adam as they are (restoring a
+    # state loads into these same tensors, so the list holds through rollbacks)
+    table = {id(p) for p in manifold.detail.parameters()} if manifold.detail is not None else set()
+    clipped = [p for p in manifold.parameters() if id(p) not in table]
     batches = endless_batches(train_loader, state["step"])
     bar = progress_bar(initial=state["step"], total=total, desc="fit", disable=not progress or rank != 0)
     manifold.train()
@@ -734,9 +739,8 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
                     p.grad /= world
-        if config.grad_clip:  # the INR's; a detail table is plain weights, left to Adam as they are
-            table = {id(p) for p in manifold.detail.parameters()} if manifold.detail is not None else set()
-            torch.nn.utils.clip_grad_norm_([p for p in manifold.parameters() if id(p) not in table], config.grad_clip)
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(clipped, config.grad_clip)
         optimizer.step()
         scheduler.step()
         with torch.no_grad():  # the EMA warms up, so short runs are not dominated by the initial INR
