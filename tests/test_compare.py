@@ -6,7 +6,7 @@ import pytest
 
 from neumeta import compare as compare_module
 from neumeta.cli import main
-from neumeta.compare import METHODS, CompareConfig, compare
+from neumeta.compare import BATCHNORM_ONLY, METHODS, CompareConfig, compare
 from neumeta.data.fashion_mnist import fashion_mnist_available
 from neumeta.experiment import DataConfig
 from neumeta.inr import INRConfig
@@ -30,9 +30,10 @@ def compared(tmp_path_factory):
 def test_every_method_has_a_row_with_every_width(compared):
     table = (compared / "table.md").read_text()
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
-    assert set(METHODS) <= set(rows)
+    lenet = set(METHODS) - BATCHNORM_ONLY  # LeNet has no BatchNorm to recalibrate
+    assert lenet <= set(rows) and not BATCHNORM_ONLY & set(rows)
     assert "γ 75 % †" in rows["method"] and "γ 50 % †" not in rows["method"]  # 0.25 is outside [0.5, 1]
-    for name in METHODS:
+    for name in lenet:
         cells = [c.strip() for c in rows[name].split("|")[2:5]]
         assert all(c.replace(".", "").isdigit() for c in cells), (name, cells)
 
@@ -42,7 +43,7 @@ def test_the_csv_holds_every_number_and_the_curve_every_integer_width(compared):
         rows = list(csv.DictReader(f))
     curve = {(r["method"], float(r["width"])) for r in rows if r["kind"] == "curve"}
     smallest = 16  # LeNet's conv1
-    for name in METHODS:
+    for name in set(METHODS) - BATCHNORM_ONLY:
         widths = {w for m, w in curve if m == name}
         if name.startswith(("individual", "distill")):
             assert widths == {1.0, 0.5, 0.25}  # only the widths trained exist
@@ -80,3 +81,24 @@ def test_compare_takes_its_config_file_as_an_argument(tmp_path):
     assert tuple(parse_command(["compare", "--config", str(config)])[1].seeds) == (4, 5)
     with pytest.raises(ConfigError, match="two config files"):
         parse_command(["compare", str(config), "--config", str(tmp_path / "other.yaml")])
+
+
+def test_recalibrated_slimmable_shares_the_training_and_remeasures_batchnorm(tmp_path, monkeypatch):
+    """With BatchNorm, the recalibrated row samples the slimmable model trained for the plain
+    row (one training), and its untrained width differs from borrowing the nearest switch."""
+    if not fashion_mnist_available():
+        pytest.skip("needs the Fashion-MNIST files (CI installs dataset-fashion-mnist)")
+    from neumeta.baselines import Slimmable
+    calls = []
+    train = Slimmable.train
+    monkeypatch.setattr(Slimmable, "train", lambda self, *a, **k: calls.append(1) or train(self, *a, **k))
+    main(["compare", "--model", "resnet20", "--dataset", "fashion-mnist-32x3", "--groups", "paper", "--seeds", "0",
+          "--epochs", "1", "--widths", "1", "0.5", "0.25", "--curve-samples", "0", "--train-size", "128",
+          "--eval-size", "100", "--val-size", "200", "--batch-size", "64", "--steps", "2",
+          "--methods", "slimmable", "slimmable-recalibrated", "--out-dir", str(tmp_path)])
+    assert len(calls) == 1
+    with open(tmp_path / "table.csv") as f:
+        rows = {(r["method"], r["width"]): r for r in csv.DictReader(f)}
+    plain, recal = rows[("slimmable", "0.25")], rows[("slimmable-recalibrated", "0.25")]
+    assert plain["seconds"] == recal["seconds"] and plain["stored_parameters"] == recal["stored_parameters"]
+    assert plain["metric"] != recal["metric"]

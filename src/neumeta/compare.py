@@ -79,6 +79,7 @@ class Run:
     base_seconds: float
     space: WidthSpace
     folder: Path
+    trainers: Dict[str, tuple] = field(default_factory=dict)  # (trainer, Trained) of this process, by builder
 
     @property
     def matched_epochs(self) -> int:
@@ -152,19 +153,26 @@ def _pruning(importance: str) -> Callable[[Run], Trained]:
     return method
 
 
-def _from_scratch(build: Callable[[nn.Module, Run], object]) -> Callable[[Run], Trained]:
-    """Slimmable, US-Nets, INN: a fresh model trained on the data-matched number of batches."""
+def _from_scratch(build: Callable[[nn.Module, Run], object],
+                  network: Optional[Callable[[object, Run], Callable]] = None) -> Callable[[Run], Trained]:
+    """Slimmable, US-Nets, INN: a fresh model trained on the data-matched number of batches.
+    ``network(trainer, run)`` picks how it is sampled (default: ``trainer.network``); rows that
+    only sample one trained model differently share that training within one process."""
     def method(run: Run) -> Trained:
         from .models import create_model
         c = run.config
-        torch.manual_seed(run.seed)
-        trainer = build(create_model(c.model), run)
-        started = time.perf_counter()
-        trainer.train(run.data, run.matched_epochs * len(run.data.train), c.lr, c.device, seed=run.seed)
-        seconds = time.perf_counter() - started
-        stored = sum(p.numel() for p in trainer.parameters()) if hasattr(trainer, "parameters") \
-            else count_parameters(trainer.model)
-        return Trained(trainer.network, seconds, stored)
+        key = build.__name__
+        if key not in run.trainers:
+            torch.manual_seed(run.seed)
+            trainer = build(create_model(c.model), run)
+            started = time.perf_counter()
+            trainer.train(run.data, run.matched_epochs * len(run.data.train), c.lr, c.device, seed=run.seed)
+            seconds = time.perf_counter() - started
+            stored = sum(p.numel() for p in trainer.parameters()) if hasattr(trainer, "parameters") \
+                else count_parameters(trainer.model)
+            run.trainers[key] = trainer, Trained(trainer.network, seconds, stored)
+        trainer, trained = run.trainers[key]
+        return trained if network is None else dataclasses.replace(trained, network=network(trainer, run))
     return method
 
 
@@ -198,10 +206,13 @@ METHODS: Dict[str, tuple] = {
     **{f"prune-{imp}": (_pruning(imp), f"torch-pruning, {imp} importance, from the base model")
        for imp in ("l1", "l2", "taylor", "hessian", "random")},
     "slimmable": (_from_scratch(_slimmable), "switchable BatchNorm at 3 trained widths; nearest switch elsewhere"),
+    "slimmable-recalibrated": (_from_scratch(_slimmable, lambda trainer, run: lambda counts: trainer.network(
+        counts, bn="recalibrate")), "the slimmable model above; BatchNorm statistics re-measured at every width"),
     "usnet": (_from_scratch(_usnet()), "sandwich rule + in-place distillation over the trained range"),
     "usnet-wide": (_from_scratch(_usnet(0.25)), "as usnet, trained down to width 0.25"),
     "inn": (_from_scratch(_inn), "continuous weights, uniform resampling, over the trained range"),
 }
+BATCHNORM_ONLY = {"slimmable-recalibrated"}  # the same numbers as its plain row without BatchNorm
 
 
 # --------------------------------------------------------------------------- running
@@ -242,6 +253,11 @@ def run_method(name: str, run: Run, log=print) -> dict:
 def compare(config: CompareConfig, log=print) -> str:
     """Run every (seed, method) not done yet; write and return the table."""
     names = list(config.methods) or list(METHODS)
+    if not config.methods:
+        from .baselines.slicing import has_batchnorm
+        from .models import create_model
+        if not has_batchnorm(create_model(config.model)):
+            names = [n for n in names if n not in BATCHNORM_ONLY]
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         raise KeyError(f"unknown method(s) {', '.join(unknown)}; available: {', '.join(METHODS)}")
