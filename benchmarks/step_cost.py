@@ -24,6 +24,10 @@ Each row gives
   peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``; freed memory is given
   back first with ``malloc_trim``).
 
+A second table times sampling: the K = 50 noisy draws of width 0.5's weights
+(``mean_row_values``, the INR's part of ``sample``), one draw per INR call against the draws
+stacked into a few large calls (the default), best of 3, back to back.
+
 Appends a section (date, device, threads, steps) to ``benchmarks/results/step-cost.md``.
 """
 from __future__ import annotations
@@ -167,6 +171,30 @@ def measure(label: str, data, device: str, subset: float, batched: bool, steps: 
             "bound_ms": 1e3 * gflop / rate, "memory_mib": memory["mib"]}
 
 
+def sampling_row(label: str, data, device: str, samples: int = 50, repeats: int = 3) -> str:
+    """K noisy draws of width 0.5's weights, one INR call per draw against stacked draws."""
+    name, _, groups = MODELS[label]
+    torch.manual_seed(0)
+    manifold = build_manifold(create_model(name).to(device), data.example.to(device), groups=groups,
+                              smoothing=False, log=lambda *_: None).to(device)
+    counts = manifold.space.resolve(0.5)
+    seconds = {}
+    for batch_rows in (0, 1 << 17) * repeats:  # alternating, so load from other jobs hits both alike
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        manifold.mean_row_values(counts, samples, batch_rows=batch_rows)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds[batch_rows] = min(seconds.get(batch_rows, float("inf")), time.perf_counter() - started)
+    one, stacked = seconds[0], seconds[1 << 17]
+    return f"| {label} | {samples} | {1e3 * one:.0f} | {1e3 * stacked:.0f} | {one / stacked:.1f} |\n"
+
+
+SAMPLING_COLUMNS = ("\n| model | K | one draw per INR call (ms) | draws stacked (ms) | speed-up |\n"
+                    "|---|---|---|---|---|\n")
+
+
 def table_row(r: dict) -> str:
     return (f"| {r['model']} | {r['tensors']} ({r['rows']:,}) | {r['subset']:g} | {'on' if r['batched'] else 'off'} "
             f"| {r['plain_ms']:.1f} | {r['fit_ms']:.0f} | {r['fit_ms'] / r['plain_ms']:.1f} | {r['gflop']:.2f} "
@@ -179,6 +207,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="fit steps timed per row (plain steps: 2x + 5)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--note", default="", help="a line written under the section's heading")
+    parser.add_argument("--no-fit", action="store_true", help="only the sampling table")
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -188,17 +217,23 @@ def main(argv: Optional[List[str]] = None) -> None:
         dataset = MODELS[label][1]
         if dataset not in datasets:
             datasets[dataset] = load_data(DataConfig(dataset=dataset), 0)
-        for subset, batched in OPTIONS:
+        for subset, batched in ([] if args.no_fit else OPTIONS):
             row = table_row(measure(label, datasets[dataset], args.device, subset, batched, args.steps))
             print(row, end="", flush=True)
             section += row
+    sampling = ""
+    for label in args.models:
+        row = sampling_row(label, datasets[MODELS[label][1]], args.device)
+        print(row, end="", flush=True)
+        sampling += row
     minutes = (time.perf_counter() - started) / 60
-    heading = (f"\n## {time.strftime('%Y-%m-%d')}, {device_name(args.device)}, {args.steps} fit steps per row "
+    heading = (f"\n## {time.strftime('%Y-%m-%d')}, {device_name(args.device)}, "
+               f"{'sampling only' if args.no_fit else f'{args.steps} fit steps per row'} "
                f"({minutes:.0f} min)\n\n" + (f"{args.note}\n\n" if args.note else ""))
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
     text = results.read_text() if results.exists() else HEADER
-    results.write_text(text + heading + COLUMNS + section)
+    results.write_text(text + heading + (COLUMNS + section if section else "") + SAMPLING_COLUMNS + sampling)
     print(f"appended to {results}")
 
 

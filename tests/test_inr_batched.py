@@ -66,3 +66,22 @@ def test_a_batched_manifold_generates_what_the_loop_does():
     (loop_v, loop_g), (batch_v, batch_g) = results
     for a, b in zip(loop_v + loop_g, batch_v + batch_g):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("residual", ["none", "cells"])
+def test_the_k_draws_through_the_inr_together_average_what_one_by_one_does(residual):
+    """Sampling stacks the K noisy draws into one INR call per chunk: the same noise, drawn in
+    the same order, so the same mean as K separate calls of row_values (to float rounding)."""
+    torch.manual_seed(0)
+    base = nm.create_model("lenet", conv1=4, conv2=6, fc1=16, fc2=8)
+    manifold = nm.WeightManifold(nm.WidthSpace(base, torch.zeros(2, 1, 28, 28)),
+                                 nm.INRConfig(hidden=16, depth=3, frequencies=2, residual=residual))
+    counts = {name: max(1, size - 1) for name, size in manifold.space.full.items()}
+    generator = torch.Generator().manual_seed(7)
+    draws = [manifold.row_values(counts, noise=True, generator=generator) for _ in range(5)]
+    by_hand = [sum(d[i] for d in draws) / 5 for i in range(len(draws[0]))]
+    largest = max(c.shape[0] for c, _ in manifold._coordinates(counts))
+    for batch_rows in (0, 2 * largest, 1 << 20):  # one by one, two draws per call (and a last single one), all
+        mean = manifold.mean_row_values(counts, samples=5, seed=7, batch_rows=batch_rows)
+        for a, b in zip(by_hand, mean):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

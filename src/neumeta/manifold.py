@@ -236,11 +236,23 @@ class WeightManifold(nn.Module):
             if rows is not None:
                 coords = coords[rows[i]]
             if noise and self.coord_config.noise > 0:
-                u = torch.rand(coords.shape, generator=generator, device="cpu" if generator else coords.device)
-                coords = coords + (2 * u.to(coords.device) - 1) * scale
+                coords = coords + (2 * self._uniform(coords, generator) - 1) * scale
             feats.append(self.fourier(coords))
-        outputs = self._inr_outputs(feats, grad_tensors)
-        base = self._base_rows(counts) if self.inr_config.residual != "none" else None
+        values = self._finish(self._inr_outputs(feats, grad_tensors), counts, rows)
+        return self.with_detail(values, counts, rows) if detail else values
+
+    @staticmethod
+    def _uniform(coords: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+        """U(0, 1) of ``coords``' shape: from ``generator`` (on the CPU, so a seed draws the same
+        noise on every device) or the global generator."""
+        u = torch.rand(coords.shape, generator=generator, device="cpu" if generator else coords.device)
+        return u.to(coords.device)
+
+    def _finish(self, outputs: Sequence[torch.Tensor], counts: Mapping[str, int],
+                rows: Optional[Sequence[torch.Tensor]] = None, residual: bool = True) -> List[torch.Tensor]:
+        """The INR's raw outputs as row values: cropped to each tensor's kernel, scaled, weights
+        divided by their fan-in channels, plus the resampled reference of a residual INR."""
+        base = self._base_rows(counts) if residual and self.inr_config.residual != "none" else None
         values = []
         for i, (s, out) in enumerate(zip(self.specs, outputs)):
             v = out.index_select(1, getattr(self, f"crop_{s.block}")) * self.output_scale[s.block]
@@ -249,7 +261,7 @@ class WeightManifold(nn.Module):
             if base is not None:
                 v = v + (base[i] if rows is None else base[i][rows[i]])
             values.append(v)
-        return self.with_detail(values, counts, rows) if detail else values
+        return values
 
     def _inr_outputs(self, feats: Sequence[torch.Tensor], grad_tensors: Optional[AbstractSet[int]]) -> List[torch.Tensor]:
         """Each tensor's features through its block; those outside ``grad_tensors`` without autograd."""
@@ -314,17 +326,31 @@ class WeightManifold(nn.Module):
 
     @torch.no_grad()
     def mean_row_values(self, counts: Mapping[str, int], samples: int = 50, seed: int = 0,
-                        detail: bool = True) -> List[torch.Tensor]:
+                        detail: bool = True, batch_rows: int = 1 << 17) -> List[torch.Tensor]:
         """``row_values`` at ``counts`` averaged over ``samples`` noisy coordinate draws from
-        ``seed`` (Eq. 9 of the paper; the noise-free centres where there is one draw or no noise)."""
+        ``seed`` (Eq. 9 of the paper; the noise-free centres where there is one draw or no noise).
+
+        The draws go through the INR together, as many per call as keep each tensor's stacked
+        rows within ``batch_rows`` (one large matmul instead of K small ones); ``batch_rows=0``
+        runs them one by one. Either way the noise is the same, drawn in ``row_values``' order."""
         if samples == 1 or self.coord_config.noise == 0:
             return self.row_values(counts, noise=False, detail=detail)
         gen = torch.Generator().manual_seed(seed)
+        tables = self._coordinates(counts)
+        largest = max(coords.shape[0] for coords, _ in tables)
+        per_call = max(1, min(samples, batch_rows // largest)) if batch_rows > 0 else 1
         total = None
-        for _ in range(samples):
-            values = self.row_values(counts, noise=True, generator=gen, detail=detail)
-            total = values if total is None else [a + b for a, b in zip(total, values)]
-        return [t / samples for t in total]
+        for start in range(0, samples, per_call):
+            draws = min(per_call, samples - start)
+            noise = [[self._uniform(coords, gen) for coords, _ in tables] for _ in range(draws)]
+            feats = [self.fourier(torch.cat([coords + (2 * noise[d][i] - 1) * scale for d in range(draws)]))
+                     for i, (coords, scale) in enumerate(tables)]
+            outputs = [out.reshape(draws, -1, out.shape[-1]).sum(0) for out in self._inr_outputs(feats, None)]
+            total = outputs if total is None else [a + b for a, b in zip(total, outputs)]
+        values = self._finish([t / samples for t in total], counts, residual=False)
+        if self.inr_config.residual != "none":  # the same in every draw
+            values = [v + b for v, b in zip(values, self._base_rows(counts))]
+        return self.with_detail(values, counts) if detail else values
 
     def generate(self, width: Width = 1.0, noise: bool = False,
                  generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
