@@ -6,12 +6,14 @@
 
 For LeNet (Fashion-MNIST), ResNet-20 with every channel group morphed and ResNet-20 with the
 paper's groups (``groups="paper"``, the last block of layer3; Fashion-MNIST padded to 3x32x32),
-batches of 128, a fresh base network and a default-recipe manifold built from it (no
-permutation: it changes no cost), one row per option: ``tensor_subset`` 1.0 and 0.25 (the
+batches of 128, a fresh base network and a manifold built from it (no permutation: it changes
+no cost), one row per training recipe (``--recipes``: the default trains the full width and two
+narrower ones every step, with in-place and original-model distillation; the paper's one width,
+no distillation) and option: ``tensor_subset`` 1.0 and 0.25 (the
 fraction of tensors whose INR blocks get gradients each step), the batched INR path off and on.
 Each row gives
 
-- fit step / plain step: a default joint fit step (``recipe_benchmark.fit_step_seconds``)
+- fit step / plain step: a joint fit step of the row's recipe (``recipe_benchmark.fit_step_seconds``)
   against a plain training step of the full network (``plain_step_seconds``), timed back to back
   in one process, so load from other jobs slows both alike;
 - the INR's matmul FLOPs per step (the rows it really generates, forward, and backward where
@@ -53,7 +55,7 @@ from benchmarks.recipe_benchmark import device_name, fit_step_seconds, plain_ste
 from neumeta.experiment import DataConfig, build_manifold, load_data
 from neumeta.inr import BlockMLP
 from neumeta.models import create_model
-from neumeta.train import FitConfig
+from neumeta.recipes import recipe
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step-cost.md"
 # (label, registry model, dataset, WidthSpace groups)
@@ -64,13 +66,13 @@ OPTIONS = [(1.0, False), (0.25, False), (1.0, True), (0.25, True)]  # (tensor_su
 HEADER = """# Fit step cost
 
 Written by `benchmarks/step_cost.py` (see its docstring for what each column measures).
-"fit ÷ plain": a default fit step over a plain step of the full network; "INR at the bound":
+"fit ÷ plain": a fit step of the row's recipe over a plain step of the full network; "INR at the bound":
 the INR's matmul FLOPs of one step at the matmul rate measured beside it; "of the step": that
 over the fit step (1.0 = the step does nothing but the INR's arithmetic at full speed).
 """
-COLUMNS = ("| model | tensors (rows at full width) | tensor_subset | batched INR | plain step (ms) | fit step (ms) "
+COLUMNS = ("| model | recipe | tensors (rows at full width) | tensor_subset | batched INR | plain step (ms) | fit step (ms) "
            "| fit ÷ plain | INR GFLOP / step | matmul GFLOP/s | INR at the bound (ms) | of the step | peak memory (MiB) |\n"
-           "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 
 
 def matmul_gflops(device: str, n: int = 1024, reps: int = 5) -> float:
@@ -147,14 +149,15 @@ def peak_memory(device: str) -> Iterator[Dict[str, float]]:
     result["mib"] = (_rss_kib("VmHWM") - before) / 1024
 
 
-def measure(label: str, data, device: str, subset: float, batched: bool, steps: int) -> dict:
+def measure(label: str, data, device: str, subset: float, batched: bool, steps: int,
+            recipe_name: str = "default") -> dict:
     """One row: fit and plain steps back to back, the INR's FLOPs, the matmul rate, peak memory."""
     name, _, groups = MODELS[label]
+    config, coords = recipe(recipe_name, tensor_subset=subset)
     torch.manual_seed(0)
-    manifold = build_manifold(create_model(name).to(device), data.example.to(device), groups=groups,
+    manifold = build_manifold(create_model(name).to(device), data.example.to(device), coords=coords, groups=groups,
                               smoothing=False, log=lambda *_: None).to(device)
     manifold.batched = batched
-    config = FitConfig(tensor_subset=subset)
     with warnings.catch_warnings():  # a fresh INR reconstructs nothing: PoorReconstructionWarning
         warnings.simplefilter("ignore")
         fit_step_seconds(manifold, data, config, 1)  # warm-up
@@ -166,7 +169,7 @@ def measure(label: str, data, device: str, subset: float, batched: bool, steps: 
     rate = matmul_gflops(device)
     gflop = (flops[0] - once[0]) / steps / 1e9
     rows = sum(c.shape[0] for c, _ in manifold._coordinates(manifold.space.full))
-    return {"model": label, "tensors": len(manifold.specs), "rows": rows, "subset": subset, "batched": batched,
+    return {"model": label, "recipe": recipe_name, "tensors": len(manifold.specs), "rows": rows, "subset": subset, "batched": batched,
             "plain_ms": 1e3 * plain_s, "fit_ms": 1e3 * fit_s, "gflop": gflop, "rate": rate,
             "bound_ms": 1e3 * gflop / rate, "memory_mib": memory["mib"]}
 
@@ -196,7 +199,7 @@ SAMPLING_COLUMNS = ("\n| model | K | one draw per INR call (ms) | draws stacked 
 
 
 def table_row(r: dict) -> str:
-    return (f"| {r['model']} | {r['tensors']} ({r['rows']:,}) | {r['subset']:g} | {'on' if r['batched'] else 'off'} "
+    return (f"| {r['model']} | {r['recipe']} | {r['tensors']} ({r['rows']:,}) | {r['subset']:g} | {'on' if r['batched'] else 'off'} "
             f"| {r['plain_ms']:.1f} | {r['fit_ms']:.0f} | {r['fit_ms'] / r['plain_ms']:.1f} | {r['gflop']:.2f} "
             f"| {r['rate']:.0f} | {r['bound_ms']:.0f} | {r['bound_ms'] / r['fit_ms']:.2f} | {r['memory_mib']:.0f} |\n")
 
@@ -207,6 +210,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="fit steps timed per row (plain steps: 2x + 5)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--note", default="", help="a line written under the section's heading")
+    parser.add_argument("--recipes", nargs="+", default=["default", "paper"],
+                        help="training recipes timed (neumeta.recipes): the default trains 2-3 widths a step "
+                             "with distillation, the paper's one width")
     parser.add_argument("--no-fit", action="store_true", help="only the sampling table")
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args(argv)
@@ -217,8 +223,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         dataset = MODELS[label][1]
         if dataset not in datasets:
             datasets[dataset] = load_data(DataConfig(dataset=dataset), 0)
-        for subset, batched in ([] if args.no_fit else OPTIONS):
-            row = table_row(measure(label, datasets[dataset], args.device, subset, batched, args.steps))
+        for recipe_name, (subset, batched) in ([] if args.no_fit else
+                                               [(r, o) for r in args.recipes for o in OPTIONS]):
+            row = table_row(measure(label, datasets[dataset], args.device, subset, batched, args.steps, recipe_name))
             print(row, end="", flush=True)
             section += row
     sampling = ""
