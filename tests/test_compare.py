@@ -38,6 +38,14 @@ def test_every_method_has_a_row_with_every_width(compared):
         assert all(c.replace(".", "").isdigit() for c in cells), (name, cells)
 
 
+def test_each_from_scratch_method_trains_its_own_model(compared):
+    """US-Nets over [0.5, 1] and over [0.25, 1] are two trainings, never one shared."""
+    with open(compared / "table.csv") as f:
+        seconds = {r["method"]: r["seconds"] for r in csv.DictReader(f)}
+    trained = [seconds[m] for m in ("slimmable", "usnet", "usnet-wide", "inn")]
+    assert len(set(trained)) == len(trained)
+
+
 def test_the_csv_holds_every_number_and_the_curve_every_integer_width(compared):
     with open(compared / "table.csv") as f:
         rows = list(csv.DictReader(f))

@@ -153,15 +153,14 @@ def _pruning(importance: str) -> Callable[[Run], Trained]:
     return method
 
 
-def _from_scratch(build: Callable[[nn.Module, Run], object],
+def _from_scratch(key: str, build: Callable[[nn.Module, Run], object],
                   network: Optional[Callable[[object, Run], Callable]] = None) -> Callable[[Run], Trained]:
     """Slimmable, US-Nets, INN: a fresh model trained on the data-matched number of batches.
-    ``network(trainer, run)`` picks how it is sampled (default: ``trainer.network``); rows that
-    only sample one trained model differently share that training within one process."""
+    ``network(trainer, run)`` picks how it is sampled (default: ``trainer.network``); rows of the
+    same ``key`` sample one trained model differently and share its training within a process."""
     def method(run: Run) -> Trained:
         from .models import create_model
         c = run.config
-        key = build.__name__
         if key not in run.trainers:
             torch.manual_seed(run.seed)
             trainer = build(create_model(c.model), run)
@@ -205,12 +204,12 @@ METHODS: Dict[str, tuple] = {
                 "one model per width, the base as teacher, the base's epochs"),
     **{f"prune-{imp}": (_pruning(imp), f"torch-pruning, {imp} importance, from the base model")
        for imp in ("l1", "l2", "taylor", "hessian", "random")},
-    "slimmable": (_from_scratch(_slimmable), "switchable BatchNorm at 3 trained widths; nearest switch elsewhere"),
-    "slimmable-recalibrated": (_from_scratch(_slimmable, lambda trainer, run: lambda counts: trainer.network(
+    "slimmable": (_from_scratch("slimmable", _slimmable), "switchable BatchNorm at 3 trained widths; nearest switch elsewhere"),
+    "slimmable-recalibrated": (_from_scratch("slimmable", _slimmable, lambda trainer, run: lambda counts: trainer.network(
         counts, bn="recalibrate")), "the slimmable model above; BatchNorm statistics re-measured at every width"),
-    "usnet": (_from_scratch(_usnet()), "sandwich rule + in-place distillation over the trained range"),
-    "usnet-wide": (_from_scratch(_usnet(0.25)), "as usnet, trained down to width 0.25"),
-    "inn": (_from_scratch(_inn), "continuous weights, uniform resampling, over the trained range"),
+    "usnet": (_from_scratch("usnet", _usnet()), "sandwich rule + in-place distillation over the trained range"),
+    "usnet-wide": (_from_scratch("usnet-wide", _usnet(0.25)), "as usnet, trained down to width 0.25"),
+    "inn": (_from_scratch("inn", _inn), "continuous weights, uniform resampling, over the trained range"),
 }
 BATCHNORM_ONLY = {"slimmable-recalibrated"}  # the same numbers as its plain row without BatchNorm
 
