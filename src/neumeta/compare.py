@@ -339,13 +339,19 @@ def draw_curves(results: Dict[str, List[dict]], config: CompareConfig, path: Pat
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 5))
     ax.axvspan(0, config.fit.min_width, color="0.9", label="unseen widths")
-    for name, runs in results.items():
+    colours = plt.get_cmap("tab20").colors
+    for i, (name, runs) in enumerate(results.items()):
         kind = "curve" if any(r["curve"] for r in runs) else "table"
         widths = sorted({float(w) for r in runs for w in r[kind]})
         means = [sum(r[kind][f"{w:g}"] for r in runs if f"{w:g}" in r[kind]) /
                  max(1, sum(f"{w:g}" in r[kind] for r in runs)) for w in widths]
-        style = dict(linewidth=2.5, color="black") if name == "neumeta" else dict(linewidth=1)
-        ax.plot(widths, [100 * m for m in means], marker="o" if kind == "table" else None, label=name, **style)
+        # one colour each; families told apart by line: pruning dashed, separately trained models dotted
+        separate = name.startswith(("individual", "distill"))  # one model per width: only those widths
+        style = dict(linewidth=1.2, color=colours[(2 * i) % 20 + (2 * i) // 20], marker="o" if separate else None,
+                     linestyle="--" if name.startswith("prune") else ":" if separate else "-")
+        if name == "neumeta":
+            style = dict(linewidth=2.5, color="black")
+        ax.plot(widths, [100 * m for m in means], label=name, **style)
     ax.set_xlabel("width multiplier")
     ax.set_ylabel(f"test {next(iter(results.values()))[0].get('metric', 'accuracy')} %")
     ax.legend(fontsize=7, ncol=2)
