@@ -27,8 +27,9 @@ Each row gives
   back first with ``malloc_trim``).
 
 A second table times sampling: the K = 50 noisy draws of width 0.5's weights
-(``mean_row_values``, the INR's part of ``sample``), one draw per INR call against the draws
-stacked into a few large calls (the default), best of 3, back to back.
+(``mean_row_values``, the INR's part of ``sample``), one draw per INR call (the default on a
+CPU) against the draws stacked into calls of up to 2**17 rows (the default on a GPU), best of 3,
+back to back.
 
 Appends a section (date, device, threads, steps) to ``benchmarks/results/step-cost.md``.
 """
@@ -52,6 +53,7 @@ try:
 except ImportError:  # let the script run without PYTHONPATH=src as well
     sys.path.insert(0, str(ROOT / "src"))
 from benchmarks.recipe_benchmark import device_name, fit_step_seconds, plain_step_seconds
+from neumeta.coords import CoordConfig
 from neumeta.experiment import DataConfig, build_manifold, load_data
 from neumeta.inr import BlockMLP
 from neumeta.models import create_model
@@ -149,16 +151,22 @@ def peak_memory(device: str) -> Iterator[Dict[str, float]]:
     result["mib"] = (_rss_kib("VmHWM") - before) / 1024
 
 
+def fresh_manifold(label: str, data, device: str, coords=None):
+    """A manifold of a freshly initialised ``label`` network (no permutation: it changes no cost)."""
+    name, _, groups = MODELS[label]
+    torch.manual_seed(0)
+    return build_manifold(create_model(name).to(device), data.example.to(device), coords=coords or CoordConfig(),
+                          groups=groups, smoothing=False, log=lambda *_: None).to(device)
+
+
 def measure(label: str, data, device: str, subset: float, batched: bool, steps: int,
             recipe_name: str = "default") -> dict:
     """One row: fit and plain steps back to back, the INR's FLOPs, the matmul rate, peak memory."""
-    name, _, groups = MODELS[label]
+    name = MODELS[label][0]
     config, coords = recipe(recipe_name, tensor_subset=subset)
-    torch.manual_seed(0)
-    manifold = build_manifold(create_model(name).to(device), data.example.to(device), coords=coords, groups=groups,
-                              smoothing=False, log=lambda *_: None).to(device)
+    manifold = fresh_manifold(label, data, device, coords)
     manifold.batched = batched
-    with warnings.catch_warnings():  # a fresh INR reconstructs nothing: PoorReconstructionWarning
+    with warnings.catch_warnings():  # timing fits of a fresh INR: what they warn about is not measured here
         warnings.simplefilter("ignore")
         fit_step_seconds(manifold, data, config, 1)  # warm-up
         with counting_flops(manifold.inr) as once:  # what a fit call costs besides its steps
@@ -176,10 +184,7 @@ def measure(label: str, data, device: str, subset: float, batched: bool, steps: 
 
 def sampling_row(label: str, data, device: str, samples: int = 50, repeats: int = 3) -> str:
     """K noisy draws of width 0.5's weights, one INR call per draw against stacked draws."""
-    name, _, groups = MODELS[label]
-    torch.manual_seed(0)
-    manifold = build_manifold(create_model(name).to(device), data.example.to(device), groups=groups,
-                              smoothing=False, log=lambda *_: None).to(device)
+    manifold = fresh_manifold(label, data, device)
     counts = manifold.space.resolve(0.5)
     seconds = {}
     for batch_rows in (0, 1 << 17) * repeats:  # alternating, so load from other jobs hits both alike

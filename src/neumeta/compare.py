@@ -347,7 +347,8 @@ def draw_curves(results: Dict[str, List[dict]], config: CompareConfig, path: Pat
                  max(1, sum(f"{w:g}" in r[kind] for r in runs)) for w in widths]
         # one colour each; families told apart by line: pruning dashed, separately trained models dotted
         separate = name.startswith(("individual", "distill"))  # one model per width: only those widths
-        style = dict(linewidth=1.2, color=colours[(2 * i) % 20 + (2 * i) // 20], marker="o" if separate else None,
+        # tab20 pairs a strong and a light shade: the ten strong ones first, then the light ones
+        style = dict(linewidth=1.2, color=colours[2 * i % 20 + i // 10 % 2], marker="o" if separate else None,
                      linestyle="--" if name.startswith("prune") else ":" if separate else "-")
         if name == "neumeta":
             style = dict(linewidth=2.5, color="black")

@@ -249,10 +249,10 @@ class WeightManifold(nn.Module):
         return u.to(coords.device)
 
     def _finish(self, outputs: Sequence[torch.Tensor], counts: Mapping[str, int],
-                rows: Optional[Sequence[torch.Tensor]] = None, residual: bool = True) -> List[torch.Tensor]:
+                rows: Optional[Sequence[torch.Tensor]] = None) -> List[torch.Tensor]:
         """The INR's raw outputs as row values: cropped to each tensor's kernel, scaled, weights
         divided by their fan-in channels, plus the resampled reference of a residual INR."""
-        base = self._base_rows(counts) if residual and self.inr_config.residual != "none" else None
+        base = self._base_rows(counts) if self.inr_config.residual != "none" else None
         values = []
         for i, (s, out) in enumerate(zip(self.specs, outputs)):
             v = out.index_select(1, getattr(self, f"crop_{s.block}")) * self.output_scale[s.block]
@@ -351,9 +351,9 @@ class WeightManifold(nn.Module):
                      for i, (coords, scale) in enumerate(tables)]
             outputs = [out.reshape(draws, -1, out.shape[-1]).sum(0) for out in self._inr_outputs(feats, None)]
             total = outputs if total is None else [a + b for a, b in zip(total, outputs)]
-        values = self._finish([t / samples for t in total], counts, residual=False)
-        if self.inr_config.residual != "none":  # the same in every draw
-            values = [v + b for v, b in zip(values, self._base_rows(counts))]
+        # every step after the INR is linear, and a residual's reference is the same in every draw:
+        # finishing the mean once is finishing each draw and averaging
+        values = self._finish([t / samples for t in total], counts)
         return self.with_detail(values, counts) if detail else values
 
     def generate(self, width: Width = 1.0, noise: bool = False,
