@@ -60,7 +60,8 @@ HELP = {
     "inplace_distill": "in-place distillation: the full width learns the labels, the sampled width its outputs",
     "sandwich": "sandwich rule: the narrowest width of the range is also trained every step",
     "original_distill": "the reference (pre-trained) network's outputs also teach every trained width (KD)",
-    "recon_reduction": "reconstruction loss per tensor: mean over elements, or sum (the paper's squared norms)",
+    "recon_reduction": "reconstruction loss per tensor: mean over elements, sum (the paper's squared norms), or "
+                       "relative (mean / the reference's mean square, averaged over tensors: every tensor alike)",
     "guard": "divergence guard: roll back to the last good checkpoint on NaN/inf or a collapse to chance",
     "guard_retries": "rollbacks before fit stops with an error",
     "guard_lr_factor": "learning-rate multiplier at each rollback",
@@ -81,7 +82,10 @@ HELP = {
     "noise": "coordinate noise half-width, in channel cells (0.5 = the whole cell)",
     "hidden": "INR hidden width",
     "depth": "INR linear layers per block",
-    "frequencies": "Fourier feature frequencies",
+    "frequencies": "Fourier feature frequencies (per coordinate; gaussian draws coordinates x this many features)",
+    "encoding": "coordinate encoding: powers (sin/cos of 2^k pi v per coordinate, the paper's) or gaussian (random "
+                "features mixing in- and out-channel positions, frequencies scaled per tensor by its channels)",
+    "encoding_scale": "gaussian encoding: standard deviation of its frequencies, in cycles per channel",
     "residual": "none (the INR outputs the weights), or the INR learns a correction on top of the reference "
                 "weights resampled to the width, exact at full width: cells (each channel the mean of its "
                 "cell's full channels), linear (interpolated at its centre) or area (weighted by cell overlap)",

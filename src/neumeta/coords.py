@@ -82,3 +82,12 @@ def tensor_coordinates(space: WidthSpace, layer: MorphLayer, counts: Mapping[str
                  torch.full((rows,), c_out / n)]
         scale += [0.0, 1.0 / n, 1.0 / n]
     return torch.stack(cols, dim=1), torch.tensor(scale) * config.noise
+
+
+def tensor_channel_scale(space: WidthSpace, layer: MorphLayer, config: CoordConfig) -> torch.Tensor:
+    """Per coordinate column, the layer's full channel count along it (0 for the layer label,
+    1 for size terms): multiplied into the coordinates, one unit is one channel of this tensor,
+    what ``GaussianFeatures`` scales its frequencies by."""
+    c_in, c_out = space.layer_channels(layer, space.full)
+    scale = [0.0, float(c_in), float(c_out)] + ([1.0, 1.0, 1.0] if config.size_terms else [])
+    return torch.tensor(scale)

@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 
 from .calibrate import Reference, calibrate, measure_reference
-from .coords import CoordConfig, tensor_coordinates
+from .coords import CoordConfig, tensor_channel_scale, tensor_coordinates
 from .groups import MorphLayer, Width, WidthSpace
-from .inr import BlockMLP, FourierFeatures, INRConfig
+from .inr import BlockMLP, FourierFeatures, GaussianFeatures, INRConfig
 from .resample import apply_resampling, resampling, resampled_rows
 
 
@@ -99,7 +99,9 @@ class WeightManifold(nn.Module):
             raise ValueError("WeightManifold: no layer has a morphable channel group; check WidthSpace(groups=...)")
         self.specs = specs
         self.out_dim = max(s.elements for s in specs)
-        self.fourier = FourierFeatures(inr.frequencies)
+        self.fourier = FourierFeatures(inr.frequencies) if inr.encoding == "powers" else \
+            GaussianFeatures(coords.dim, coords.dim * inr.frequencies, inr.encoding_scale,
+                             torch.stack([tensor_channel_scale(space, s.layer, coords) for s in specs]))
         self.inr = BlockMLP(len(specs), self.fourier.out_dim(coords.dim), self.out_dim, inr)
         for s in specs:
             self.register_buffer(f"crop_{s.block}", _crop_index(s, self.out_dim), persistent=False)
@@ -237,7 +239,7 @@ class WeightManifold(nn.Module):
                 coords = coords[rows[i]]
             if noise and self.coord_config.noise > 0:
                 coords = coords + (2 * self._uniform(coords, generator) - 1) * scale
-            feats.append(self.fourier(coords))
+            feats.append(self.fourier(coords, self.specs[i].block))
         values = self._finish(self._inr_outputs(feats, grad_tensors), counts, rows)
         return self.with_detail(values, counts, rows) if detail else values
 
@@ -347,7 +349,8 @@ class WeightManifold(nn.Module):
         for start in range(0, samples, per_call):
             draws = min(per_call, samples - start)
             noise = [[self._uniform(coords, gen) for coords, _ in tables] for _ in range(draws)]
-            feats = [self.fourier(torch.cat([coords + (2 * noise[d][i] - 1) * scale for d in range(draws)]))
+            feats = [self.fourier(torch.cat([coords + (2 * noise[d][i] - 1) * scale for d in range(draws)]),
+                                  self.specs[i].block)
                      for i, (coords, scale) in enumerate(tables)]
             outputs = [out.reshape(draws, -1, out.shape[-1]).sum(0) for out in self._inr_outputs(feats, None)]
             total = outputs if total is None else [a + b for a, b in zip(total, outputs)]

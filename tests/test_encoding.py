@@ -1,0 +1,95 @@
+"""The gaussian coordinate encoding (frequencies scaled per tensor by its channel counts) and the
+"relative" reconstruction loss: the two levers for an INR that holds every tensor of a network
+whose layers differ in size and scale."""
+import torch
+
+import neumeta as nm
+from neumeta.io import load_manifold, save_manifold
+from neumeta.train import reconstruction_errors, reconstruction_from_values, reconstruction_loss
+
+X = torch.zeros(2, 1, 28, 28)
+
+
+def _manifold(encoding, hidden=16, **model):
+    torch.manual_seed(0)
+    base = nm.create_model("lenet", **(model or dict(conv1=4, conv2=6, fc1=16, fc2=8)))
+    return nm.WeightManifold(nm.WidthSpace(base, X),
+                             nm.INRConfig(hidden=hidden, depth=3, frequencies=2, encoding=encoding))
+
+
+def test_one_channel_reads_the_same_features_in_a_narrow_and_a_wide_layer():
+    """Channel (i, j) of a 4-in / 6-out tensor and of a 6-in / 16-out one: the same position in
+    channels, so the same sin/cos features (only the raw coordinates differ)."""
+    manifold = _manifold("gaussian")
+    encoder = manifold.fourier
+    by_name = {s.name: s for s in manifold.specs}
+    small, large = by_name["conv2.weight"], by_name["fc2.weight"]
+    channels = {s.name: manifold.space.layer_channels(s.layer, manifold.space.full) for s in (small, large)}
+    assert channels["conv2.weight"] != channels["fc2.weight"]
+    rows = []
+    for spec in (small, large):
+        c_in, c_out = channels[spec.name]
+        v = torch.tensor([[0.3, (2 + 0.5) / c_in, (3 + 0.5) / c_out]])
+        rows.append(encoder(v, spec.block)[:, 3:])
+    torch.testing.assert_close(rows[0], rows[1])
+    # and the features do depend on the channel: the next out channel reads different ones
+    c_in, c_out = channels["fc2.weight"]
+    moved = encoder(torch.tensor([[0.3, 2.5 / c_in, 4.5 / c_out]]), large.block)[:, 3:]
+    assert (moved - rows[1]).abs().max() > 1e-2
+
+
+def test_a_gaussian_manifold_saves_and_loads_to_the_same_networks(tmp_path):
+    manifold = _manifold("gaussian")
+    before = manifold.generate(0.75)
+    loaded = load_manifold(save_manifold(manifold, tmp_path / "m.safetensors"))
+    assert loaded.inr_config.encoding == "gaussian"
+    after = loaded.generate(0.75)
+    for name in before:
+        torch.testing.assert_close(before[name], after[name])
+
+
+def test_bad_encoding_options_are_refused():
+    for bad in (dict(encoding="sine"), dict(encoding="gaussian", encoding_scale=0.0)):
+        try:
+            nm.INRConfig(**bad)
+        except ValueError as err:
+            assert "encoding" in str(err)
+        else:
+            raise AssertionError(f"INRConfig({bad}) was accepted")
+
+
+def test_the_relative_loss_weighs_every_tensor_alike_whatever_its_scale():
+    torch.manual_seed(0)
+    targets = [torch.randn(8, 3), torch.randn(20, 1)]
+    values = [t + 0.1 * torch.randn_like(t) for t in targets]
+    scaled_t = [targets[0] * 100, targets[1]]
+    scaled_v = [values[0] * 100, values[1]]
+    relative = reconstruction_from_values(values, targets, "relative")
+    torch.testing.assert_close(relative, reconstruction_from_values(scaled_v, scaled_t, "relative"))
+    mean = reconstruction_from_values(values, targets, "mean")
+    assert reconstruction_from_values(scaled_v, scaled_t, "mean") > 100 * mean
+    by_hand = sum(((v - t).pow(2) * (1 + t.pow(2) / t.pow(2).mean())).mean() / t.pow(2).mean()
+                  for v, t in zip(values, targets)) / 2
+    torch.testing.assert_close(relative, by_hand)
+
+
+def _prefit_mean_error(encoding, steps=200):
+    """The mean relative error over tensors after a short noise-free pre-fit of a random LeNet."""
+    manifold = _manifold(encoding, hidden=64, conv1=8, conv2=32, fc1=32, fc2=16)
+    targets = manifold.original_rows()
+    optimizer = torch.optim.Adam(manifold.parameters(), lr=3e-3)
+    for _ in range(steps):
+        loss = reconstruction_loss(manifold, targets, noise=False)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    errors = reconstruction_errors(manifold)
+    return sum(errors.values()) / len(errors)
+
+
+def test_the_gaussian_encoding_holds_a_network_better_than_the_papers():
+    """Same INR, same steps: features that mix the two channel axes leave the tensors closer to the
+    reference than powers of two of each axis alone (0.15 against 0.53 when written)."""
+    paper = _prefit_mean_error("powers")
+    ours = _prefit_mean_error("gaussian")
+    assert ours < 0.8 * paper, (ours, paper)
