@@ -71,7 +71,8 @@ def candidate_flips() -> List[tuple]:
     learning rate (the warm-up to 1e-3 knocks the reconstructed full width down 5 points), a
     higher one (the joint phase is still climbing when the schedule ends), or a residual INR (a
     correction on the resampled reference: exact at full width; or a detail table, exact at full
-    width and faded out below the trained range). ``run`` leaves them out
+    width and faded out below the trained range); for the INR's slower learning per image, the
+    gaussian encoding (mixed channel frequencies) and the relative L_recon. ``run`` leaves them out
     unless named: the default table is the paper preset, the default and the ablation."""
     fit, coords, inr = FitConfig(), CoordConfig(), INRConfig()
     return [("inr", "frequencies", 8 if inr.frequencies != 8 else 16),
@@ -82,7 +83,9 @@ def candidate_flips() -> List[tuple]:
             ("inr", "residual", "cells" if inr.residual != "cells" else "none"),
             ("inr", "residual", "linear" if inr.residual != "linear" else "none"),
             ("inr", "residual", "area" if inr.residual != "area" else "none"),
-            ("inr", "detail", not inr.detail)]
+            ("inr", "detail", not inr.detail),
+            ("inr", "encoding", "gaussian" if inr.encoding != "gaussian" else "powers"),
+            ("fit", "recon_reduction", "relative" if fit.recon_reduction != "relative" else "mean")]
 
 
 def variants() -> Dict[str, dict]:
