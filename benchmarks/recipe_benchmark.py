@@ -368,6 +368,10 @@ def _results_options(options: Optional[dict]) -> Optional[dict]:
     warned about, e.g. ``recon_warn``), which a checkpoint may also be resumed with changed."""
     if not options:
         return options
+    # an option added since a result was written had the behaviour its default keeps: fill it in
+    defaults = {"fit": FitConfig(), "coords": CoordConfig(), "inr": INRConfig()}
+    options = {**options, **{section: {**json.loads(json.dumps(dataclasses.asdict(default))), **options[section]}
+                             for section, default in defaults.items() if section in options}}
     return {**options, "fit": {k: v for k, v in options.get("fit", {}).items() if k not in WATCH_ONLY}}
 
 

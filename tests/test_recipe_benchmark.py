@@ -270,3 +270,14 @@ def test_the_entry_point_reads_the_shared_yaml_file_and_flags(tmp_path):
     with pytest.raises(ConfigError, match=r"fit\.stepz"):
         load_config(rb.RecipeBenchmarkConfig, entry.make_parser().parse_args(["--config", str(file)]),
                     commands=entry.CONFIGS)
+
+
+def test_an_option_added_later_reads_as_its_default_in_an_older_result():
+    """Results written before an option existed were fitted with the behaviour its default keeps:
+    they stay valid; a result with another value of it does not."""
+    current = {"fit": json.loads(json.dumps(dataclasses.asdict(rb.FitConfig()))),
+               "coords": dataclasses.asdict(rb.CoordConfig()), "inr": dataclasses.asdict(rb.INRConfig())}
+    older = dict(current, inr={k: v for k, v in current["inr"].items() if k not in ("encoding", "encoding_scale")})
+    assert rb._results_options(older) == rb._results_options(current)
+    other = dict(current, inr=dict(current["inr"], encoding="gaussian"))
+    assert rb._results_options(other) != rb._results_options(current)
