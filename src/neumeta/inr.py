@@ -50,8 +50,8 @@ class INRConfig:
         features that mix the in- and out-channel positions (``GaussianFeatures``), their
         frequencies scaled per tensor by its channel counts times ``encoding_scale``; the MLP's
         input keeps the same width. It holds large tensors better: ResNet-20 with every group
-        morphing, 300 pre-fit steps, largest relative error 0.57 against 0.91
-        (docs/how-it-works.md).
+        morphing, 1,000 pre-fit steps, largest relative error 0.44 against 0.68
+        (docs/benchmarks.md, "Reconstruction after the pre-fit").
     """
     hidden: int = 256
     depth: int = 5
