@@ -555,7 +555,7 @@ def full_width_targets(runs: List[dict], baselines: List[dict], matched: List[di
     checks = [("γ 0 % within 0.2 points of the base model", per_seed(1.0, base), -0.2),
               ("γ 25 % within 1.0 point of the data-matched individual model", per_seed(0.75, given), -1.0),
               ("γ 50 % within 1.0 point of the data-matched individual model", per_seed(0.5, given), -1.0)]
-    parts = [f"{what}: {'met' if all(d >= bound - tie for d in gaps) else 'missed'} on "
+    parts = [f"{what}: {'met' if all(d >= bound - tie for d in gaps) else 'missed'}, met on "
              f"{sum(d >= bound - tie for d in gaps)}/{len(gaps)} seeds ({', '.join(f'{d:+.2f}' for d in gaps)})"
              for what, gaps, bound in checks]
     previous = [r for r in ok if "test_inr_full_width" in r]
