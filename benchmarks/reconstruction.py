@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 import warnings
@@ -122,7 +123,8 @@ def main(argv=None) -> str:
             f"{args.steps} pre-fit steps, INR {args.hidden} wide "
             f"({next(iter(rows.values()))['inr_parameters']:,} parameters); {device_name(args.device)}, "
             f"{time.strftime('%Y-%m-%d')}. Relative error ||W - W0|| / ||W0|| at full width; best per row in bold.")
-    text = f"`python benchmarks/reconstruction.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n{head}\n\n{table(rows, args)}\n"
+    command = shlex.join(sys.argv[1:] if argv is None else argv)
+    text = f"`python benchmarks/reconstruction.py {command}`\n\n{head}\n\n{table(rows, args)}\n"
     print(text)
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(Path(args.results), lambda tmp: Path(tmp).write_text(text))
