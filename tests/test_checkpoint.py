@@ -122,12 +122,12 @@ def _tiny_fit(manifold, checkpoint, steps=4, **kwargs):
                   checkpoint=None if checkpoint is None else str(checkpoint), progress=False, **kwargs)
 
 
-def _manifold(base_seed=0, inr_seed=1, hidden=16):
+def _manifold(base_seed=0, inr_seed=1, hidden=16, **inr):
     torch.manual_seed(base_seed)
     base = nm.create_model("lenet", conv1=4, conv2=6, fc1=16, fc2=8)
     torch.manual_seed(inr_seed)
     return nm.WeightManifold(nm.WidthSpace(base, torch.zeros(2, 1, 28, 28)),
-                             nm.INRConfig(hidden=hidden, depth=2, frequencies=2))
+                             nm.INRConfig(hidden=hidden, depth=2, frequencies=2, **inr))
 
 
 def test_a_crafted_pickle_is_refused_and_never_run(tmp_path):
@@ -250,11 +250,16 @@ def test_meaningless_resume_arguments_are_refused(tmp_path, kwargs, match):
 
 
 @pytest.mark.filterwarnings("ignore::neumeta.NeverLearnedWarning")
-@pytest.mark.parametrize("other, why", [({"base_seed": 3}, "base model's weights differ"),
-                                        ({"hidden": 8}, "INR has parameters")])
-def test_resume_refuses_another_base_model_or_inr(tmp_path, other, why):
+@pytest.mark.parametrize("first, other, why", [
+    ({}, {"base_seed": 3}, "base model's weights differ"),
+    ({}, {"hidden": 8}, "INR has parameters"),
+    # same parameter shapes, another function of them: the options say it
+    ({"encoding": "gaussian"}, {"encoding": "gaussian", "encoding_scale": 0.3},
+     "INRConfig.encoding_scale 0.15 in the checkpoint, 0.3 now"),
+])
+def test_resume_refuses_another_base_model_or_inr(tmp_path, first, other, why):
     ckpt = tmp_path / "fit.ckpt"
-    _fit_with(nm.ClassificationTask(10), _manifold(), ckpt)
+    _fit_with(nm.ClassificationTask(10), _manifold(**first), ckpt)
     before = ckpt.read_bytes()
     with pytest.raises(ValueError, match=f"fit.ckpt was made from another base model / manifold.*{why}"):
         _fit_with(nm.ClassificationTask(10), _manifold(**other), ckpt, resume=True)

@@ -490,7 +490,10 @@ def base_fingerprint(manifold: WeightManifold) -> dict:
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     inr = [[name, list(tensor.shape)] for name, tensor in manifold.state_dict().items()]
-    return {"base_sha256": digest.hexdigest(), "inr": inr}
+    # the INR's options that change what its weights mean (same shapes, another function): not
+    # full_width, which only says what sampling returns
+    options = {k: v for k, v in dataclasses.asdict(manifold.inr_config).items() if k != "full_width"}
+    return {"base_sha256": digest.hexdigest(), "inr": inr, "inr_options": options}
 
 
 def check_same_base(saved: Optional[Mapping], now: Mapping, checkpoint) -> None:
@@ -503,6 +506,10 @@ def check_same_base(saved: Optional[Mapping], now: Mapping, checkpoint) -> None:
         differ.append("the base model's weights differ")
     if saved.get("inr") != now["inr"]:
         differ.append(f"its INR has parameters {_shapes(saved.get('inr', []))}, this one {_shapes(now['inr'])}")
+    # a checkpoint from before an option existed lacks it: that option is not compared
+    options = saved.get("inr_options", {})
+    differ += [f"INRConfig.{key} {options[key]!r} in the checkpoint, {value!r} now"
+               for key, value in now["inr_options"].items() if key in options and options[key] != value]
     if differ:
         raise ValueError(f"checkpoint {checkpoint} was made from another base model / manifold ("
                          + "; ".join(differ) + "); resume with the manifold it was made from, or move the "
