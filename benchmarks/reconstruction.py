@@ -16,7 +16,9 @@ step. Variants:
 - ``gaussian+relative``: and ``FitConfig(recon_reduction="relative")``, every tensor weighed by
   its own scale;
 - ``gaussian+relative, no noise``: and ``recon_noise=False``: the pre-fit sees the channels'
-  centres only (the others jitter them by up to half a channel's cell, as the joint steps do).
+  centres only (the others jitter them by up to half a channel's cell, as the joint steps do);
+- ``gaussian+relative, no noise, decaying``: and ``prefit_decay=True``, the pre-fit's learning
+  rate decays to zero (a cosine) instead of staying constant.
 
 Writes ``benchmarks/results/reconstruction.md`` (``--results``).
 """
@@ -48,6 +50,8 @@ VARIANTS = {
     "gaussian": (dict(encoding="gaussian"), dict(recon_reduction="mean")),
     "gaussian+relative": (dict(encoding="gaussian"), dict(recon_reduction="relative")),
     "gaussian+relative, no noise": (dict(encoding="gaussian"), dict(recon_reduction="relative", recon_noise=False)),
+    "gaussian+relative, no noise, decaying": (dict(encoding="gaussian"),
+                                              dict(recon_reduction="relative", recon_noise=False, prefit_decay=True)),
 }
 
 

@@ -1,6 +1,7 @@
 """The gaussian coordinate encoding (frequencies scaled per tensor by its channel counts) and the
 "relative" reconstruction loss: the two levers for an INR that holds every tensor of a network
 whose layers differ in size and scale."""
+import pytest
 import torch
 
 import neumeta as nm
@@ -93,3 +94,11 @@ def test_the_gaussian_encoding_holds_a_network_better_than_the_papers():
     paper = _prefit_mean_error("powers")
     ours = _prefit_mean_error("gaussian")
     assert ours < 0.8 * paper, (ours, paper)
+
+
+def test_the_prefit_decay_takes_the_learning_rate_to_zero_and_leaves_the_joint_schedule():
+    from neumeta.train import _schedule
+    plain, decaying = (_schedule(nm.FitConfig(prefit_steps=100, steps=50, prefit_decay=d)) for d in (False, True))
+    assert plain(99) == 1.0 and decaying(0) == 1.0
+    assert decaying(50) == pytest.approx(0.5) and decaying(99) < 0.01
+    assert [plain(s) for s in range(100, 150)] == [decaying(s) for s in range(100, 150)]

@@ -50,6 +50,7 @@ HELP = {
     "prefit_steps": "reconstruction-only steps before joint training",
     "fit_lr": "Adam learning rate of the INR",
     "warmup": "fraction of the joint steps with a linear learning-rate warm-up",
+    "prefit_decay": "cosine-decay the pre-fit's learning rate to zero (else constant)",
     "min_width": "narrowest width multiplier seen in training (0.5 = compression 50 %)",
     "max_width": "widest width multiplier seen in training",
     "per_group": "draw each channel group's width independently (else one multiplier for all)",
