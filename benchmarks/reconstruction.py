@@ -42,7 +42,7 @@ except ImportError:  # let the script run without PYTHONPATH=src as well
     sys.path.insert(0, str(ROOT / "src"))
 import neumeta as nm
 from benchmarks.recipe_benchmark import device_name
-from neumeta.experiment import DataConfig, build_manifold, load_data, train_base
+from neumeta.experiment import DataConfig, build_manifold, count_parameters, load_data, train_base
 from neumeta.io import atomic_write
 
 VARIANTS = {
@@ -83,12 +83,12 @@ def prefit(base, data, variant: str, args) -> dict:
         warnings.simplefilter("ignore")
         result = nm.fit(manifold, data.task, data.train, None, config)
     row = {"errors": result.reconstruction, "seconds_per_step": (time.perf_counter() - started) / max(1, args.steps),
-           "inr_parameters": sum(p.numel() for p in manifold.inr.parameters())}
+           "inr_parameters": count_parameters(manifold.inr)}
     atomic_write(cache, lambda tmp: Path(tmp).write_text(json.dumps(row, indent=1)))
     return row
 
 
-def table(rows: dict, args) -> str:
+def table(rows: dict) -> str:
     names = list(next(iter(rows.values()))["errors"])
     lines = [f"| tensor | {' | '.join(rows)} |", "|---|" + "---|" * len(rows)]
     for name in names:
@@ -128,7 +128,7 @@ def main(argv=None) -> str:
             f"({next(iter(rows.values()))['inr_parameters']:,} parameters); {device_name(args.device)}, "
             f"{time.strftime('%Y-%m-%d')}. Relative error ||W - W0|| / ||W0|| at full width; best per row in bold.")
     command = shlex.join(sys.argv[1:] if argv is None else argv)
-    text = f"`python benchmarks/reconstruction.py {command}`\n\n{head}\n\n{table(rows, args)}\n"
+    text = f"`python benchmarks/reconstruction.py {command}`\n\n{head}\n\n{table(rows)}\n"
     print(text)
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(Path(args.results), lambda tmp: Path(tmp).write_text(text))

@@ -255,7 +255,7 @@ def test_meaningless_resume_arguments_are_refused(tmp_path, kwargs, match):
     ({}, {"hidden": 8}, "INR has parameters"),
     # same parameter shapes, another function of them: the options say it
     ({"encoding": "gaussian"}, {"encoding": "gaussian", "encoding_scale": 0.3},
-     "INRConfig.encoding_scale 0.15 in the checkpoint, 0.3 now"),
+     "INRConfig.encoding_scale: 0.15 in the checkpoint, 0.3 now"),
 ])
 def test_resume_refuses_another_base_model_or_inr(tmp_path, first, other, why):
     ckpt = tmp_path / "fit.ckpt"

@@ -469,15 +469,20 @@ WATCH_ONLY = ("eval_every", "eval_samples", "guard", "guard_retries", "guard_lr_
               "recon_warn")
 
 
+def changed_options(saved: Mapping, now: Mapping, prefix: str = "", skip: Sequence[str] = ()) -> List[str]:
+    """"{prefix}{key}: {saved} in the checkpoint, {now} now" for each option of ``now`` that the
+    checkpoint recorded differently (tuples and lists compare equal, as in JSON). A key the
+    checkpoint lacks was written before that option existed and is not compared."""
+    def plain(value):
+        return json.loads(json.dumps(value))
+    return [f"{prefix}{key}: {saved[key]!r} in the checkpoint, {value!r} now" for key, value in now.items()
+            if key in saved and key not in skip and plain(saved[key]) != plain(value)]
+
+
 def check_resumable(saved: Mapping, config: FitConfig, checkpoint) -> None:
     """Refuse to resume a checkpoint written with other training options: the rest of the run would
-    silently mix two recipes (e.g. a default changed since). A key the checkpoint lacks was written
-    before that option existed and is not compared."""
-    def plain(value):  # tuples and lists compare equal, as in JSON
-        return json.loads(json.dumps(value))
-    now = plain(dataclasses.asdict(config))
-    differ = [f"{key}: {saved[key]!r} in the checkpoint, {now[key]!r} now" for key in now
-              if key in saved and key not in WATCH_ONLY and plain(saved[key]) != now[key]]
+    silently mix two recipes (e.g. a default changed since)."""
+    differ = changed_options(saved, dataclasses.asdict(config), skip=WATCH_ONLY)
     if differ:
         raise ValueError(f"cannot resume {checkpoint}: it was written with other fit options ("
                          + "; ".join(differ) + "); fit with those options, or move the checkpoint away to start afresh")
@@ -508,10 +513,7 @@ def check_same_base(saved: Optional[Mapping], now: Mapping, checkpoint) -> None:
         differ.append("the base model's weights differ")
     if saved.get("inr") != now["inr"]:
         differ.append(f"its INR has parameters {_shapes(saved.get('inr', []))}, this one {_shapes(now['inr'])}")
-    # a checkpoint from before an option existed lacks it: that option is not compared
-    options = saved.get("inr_options", {})
-    differ += [f"INRConfig.{key} {options[key]!r} in the checkpoint, {value!r} now"
-               for key, value in now["inr_options"].items() if key in options and options[key] != value]
+    differ += changed_options(saved.get("inr_options", {}), now["inr_options"], prefix="INRConfig.")
     if differ:
         raise ValueError(f"checkpoint {checkpoint} was made from another base model / manifold ("
                          + "; ".join(differ) + "); resume with the manifold it was made from, or move the "
