@@ -234,6 +234,19 @@ def test_resume_auto_starts_afresh_or_continues(tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.filterwarnings("ignore::neumeta.NeverLearnedWarning")
+def test_a_resumed_fit_reports_the_time_of_every_process(tmp_path):
+    ckpt = tmp_path / "fit.ckpt"
+    first = _fit_with(nm.ClassificationTask(10), _manifold(), ckpt)
+    saved = load_checkpoint(ckpt)
+    before = saved["state"]["seconds"]
+    assert 0 < before <= first.seconds
+    saved["state"]["seconds"] += 1000.0  # as if the earlier process had run for a long time
+    save_checkpoint(ckpt, saved)
+    again = _fit_with(_CountingTask(), _manifold(), ckpt, resume="auto")  # finished: nothing more to train
+    assert 1000.0 + before < again.seconds < 1000.0 + before + 60
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"checkpoint": None, "resume": True}, "needs checkpoint"),
     ({"checkpoint": None, "resume": "auto"}, "needs checkpoint"),

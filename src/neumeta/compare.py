@@ -94,12 +94,11 @@ class Run:
 def _neumeta(run: Run) -> Trained:
     from .calibrate import calibration_inputs
     c = run.config
-    started = time.perf_counter()
     manifold = build_manifold(run.base, run.data.example, c.inr, c.coords, groups=c.groups, seed=run.seed,
                               log=lambda *a: None).to(c.device)
     result = fit(manifold, run.data.task, run.data.train, run.data.val, dataclasses.replace(c.fit, seed=run.seed),
                  checkpoint=str(run.folder / "neumeta.ckpt"), resume="auto")
-    seconds = run.base_seconds + time.perf_counter() - started
+    seconds = run.base_seconds + result.seconds  # the fit's own clock survives resumes
     fitted = result.manifold
     reference = fitted.calibration_reference(calibration_inputs(run.data.train, 20), c.samples, run.seed)
 

@@ -186,6 +186,7 @@ class FitResult:
     history: List[dict] = field(default_factory=list)
     rollbacks: List[dict] = field(default_factory=list)  # the divergence guard's interventions
     step_seconds: float = float("nan")  # mean wall time of a joint (post-pre-fit) step
+    seconds: float = 0.0            # the whole fit's wall time, summed over every process that resumed it
     learned: bool = True            # False: the chosen checkpoint never left chance at a trained width
     warnings: List[str] = field(default_factory=list)  # what fit warned about (NeverLearnedWarning)
     full_width: Optional[dict] = None  # INRConfig(full_width="best"): both scores and the choice
@@ -619,10 +620,12 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     total = config.prefit_steps + config.steps
     state = {"step": 0, "best_score": -math.inf, "best_step": -1, "best": None, "history": [],
-             "rollbacks": [], "last_scores": {}, "joint_seconds": 0.0, "joint_steps": 0}
+             "rollbacks": [], "last_scores": {}, "joint_seconds": 0.0, "joint_steps": 0,
+             "seconds": 0.0}
     chance = getattr(task, "chance", None)
 
     def capture() -> dict:
+        state["seconds"] = elapsed()
         return copy.deepcopy({"inr": manifold.state_dict(), "ema": ema.state_dict(),
                               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                               "rng": rng.getstate(), "torch_rng": torch_rng_states(), "state": state})
@@ -642,6 +645,13 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
         check_resumable(saved.get("config", {}), config, checkpoint)
         check_same_base(saved.get("fingerprint"), fingerprint, checkpoint)
         restore(saved)
+    # wall time carried over from the processes that wrote the checkpoint (a rollback restores an
+    # older state, but not the time spent since)
+    earlier, session_started = state.get("seconds", 0.0), time.perf_counter()
+
+    def elapsed() -> float:
+        return earlier + time.perf_counter() - session_started
+
     good = capture()  # the divergence guard's rollback point
 
     def rollback(step: int, why: str):
@@ -799,6 +809,6 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
         tqdm.write(f"full width: {full_width['chosen']} (validation {task.metric}: reference "
                    f"{full_width['reference']:.4f}, INR {full_width['inr']:.4f})")
     return FitResult(ema, state["best_score"], state["best_step"], state["history"], state["rollbacks"],
-                     state["joint_seconds"] / max(1, state["joint_steps"]), learned=why is None,
+                     state["joint_seconds"] / max(1, state["joint_steps"]), seconds=elapsed(), learned=why is None,
                      warnings=[why] if why else [], reconstruction=dict(state.get("reconstruction", {})),
                      full_width=full_width)
