@@ -18,7 +18,9 @@ step. Variants:
 - ``gaussian+relative, no noise``: and ``recon_noise=False``: the pre-fit sees the channels'
   centres only (the others jitter them by up to half a channel's cell, as the joint steps do);
 - ``gaussian+relative, no noise, decaying``: and ``prefit_decay=True``, the pre-fit's learning
-  rate decays to zero (a cosine) instead of staying constant.
+  rate decays to zero (a cosine) instead of staying constant;
+- ``gaussian x64+relative, no noise, decaying``: and 64 random features instead of 16
+  (``INRConfig(frequencies=64)``), so rows of a 64-channel tensor are far apart in the MLP's input.
 
 Writes ``benchmarks/results/reconstruction.md`` (``--results``).
 """
@@ -52,6 +54,8 @@ VARIANTS = {
     "gaussian+relative, no noise": (dict(encoding="gaussian"), dict(recon_reduction="relative", recon_noise=False)),
     "gaussian+relative, no noise, decaying": (dict(encoding="gaussian"),
                                               dict(recon_reduction="relative", recon_noise=False, prefit_decay=True)),
+    "gaussian x64+relative, no noise, decaying": (dict(encoding="gaussian", frequencies=64),
+                                                  dict(recon_reduction="relative", recon_noise=False, prefit_decay=True)),
 }
 
 

@@ -203,3 +203,12 @@ def test_smooth_command_keeps_the_function(tmp_path, capsys):
     x = torch.randn(4, 1, 28, 28)
     torch.testing.assert_close(permuted(x), model.eval()(x), rtol=1e-5, atol=1e-5)
     assert not torch.equal(permuted.fc1.weight, model.fc1.weight)
+
+
+@pytest.mark.parametrize("path", sorted((DEMO_YAML.parent).glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid_for_its_command(path):
+    """A typo in a shipped config (an option that does not exist, a wrong type) fails here, not hours
+    into a run."""
+    command = "compare" if path.name.startswith("compare") else "demo"
+    _, config = parse_command([command, "--config", str(path)])
+    assert config.out_dir and config.out_dir.startswith("runs/")

@@ -74,6 +74,27 @@ def test_a_rerun_skips_what_is_done(compared, monkeypatch):
     assert compare(config) + "\n" == before
 
 
+def test_individual_models_trained_earlier_keep_their_time(compared):
+    """A rerun that finds the per-width models on disk counts the time they took to train, so an
+    interrupted comparison does not report them as free."""
+    import json
+    folder = compared / "seed0"
+    first = json.loads((folder / "individual.json").read_text())["seconds"]
+    widths = sorted(folder.glob("individual_*_e1.json"))
+    assert len(widths) == 3 and first == pytest.approx(sum(json.loads(f.read_text())["seconds"] for f in widths))
+    (folder / "individual.json").rename(folder / "individual.json.done")
+    try:
+        config = CompareConfig(seeds=(0,), methods=("individual",), epochs=1, widths=(1.0, 0.5, 0.25), samples=1,
+                               curve_samples=1, out_dir=str(compared / "again"),
+                               data=DataConfig(train_size=256, eval_size=200, val_size=500, batch_size=64))
+        (compared / "again").mkdir()
+        (compared / "again" / "seed0").symlink_to(folder, target_is_directory=True)
+        compare(config)
+        assert json.loads((folder / "individual.json").read_text())["seconds"] == pytest.approx(first)
+    finally:
+        (folder / "individual.json.done").replace(folder / "individual.json")
+
+
 def test_an_unknown_method_is_named(tmp_path):
     with pytest.raises(KeyError, match="prune-l3"):
         compare(CompareConfig(methods=("neumeta", "prune-l3"), out_dir=str(tmp_path)))

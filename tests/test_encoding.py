@@ -98,3 +98,24 @@ def test_the_prefit_decay_takes_the_learning_rate_to_zero_and_leaves_the_joint_s
     assert plain(99) == 1.0 and decaying(0) == 1.0
     assert decaying(50) == pytest.approx(0.5) and decaying(99) < 0.01
     assert [plain(s) for s in range(100, 150)] == [decaying(s) for s in range(100, 150)]
+
+
+def _prefit(**options) -> nm.WeightManifold:
+    from neumeta.data import TensorLoader
+    manifold = _manifold("gaussian")
+    loader = TensorLoader(torch.zeros(8, 1, 28, 28), torch.zeros(8, dtype=torch.long), batch_size=4)
+    nm.fit(manifold, nm.ClassificationTask(10), loader, None,
+           nm.FitConfig(prefit_steps=5, steps=0, seed=0, **options), progress=False)
+    return manifold
+
+
+def test_prefit_noise_switches_the_noise_off_in_the_prefit_alone():
+    """prefit_noise=False with recon_noise on: the pre-fit is the noise-free one, step for step
+    (and not the noisy one); the option's default follows recon_noise."""
+    quiet = _prefit(recon_noise=True, prefit_noise=False)
+    centres = _prefit(recon_noise=False)
+    noisy = _prefit(recon_noise=True)
+    followed = _prefit(recon_noise=True, prefit_noise=None)
+    for a, b, c, d in zip(quiet.parameters(), centres.parameters(), noisy.parameters(), followed.parameters()):
+        assert torch.equal(a, b) and torch.equal(c, d)
+    assert any(not torch.equal(a, c) for a, c in zip(quiet.parameters(), noisy.parameters()))

@@ -114,22 +114,24 @@ def _individual(run: Run, epochs: int, teacher: Optional[nn.Module] = None) -> T
     for width in c.widths:
         counts = run.counts(width)
         name = f"{'distilled' if teacher is not None else 'individual'}_{width:g}_e{epochs}.safetensors"
-        file = run.folder / name
-        if file.exists():
+        file, timing = run.folder / name, (run.folder / name).with_suffix(".json")
+        if file.exists():  # trained by an earlier process: its time was written beside it
             models[width] = load_model(file)
+            seconds += json.loads(timing.read_text())["seconds"] if timing.exists() else 0.0
             continue
         started = time.perf_counter()
         if width == 1.0 and teacher is None and epochs == c.epochs:
             model = run.base  # the base model is the full-width individual model
-            seconds += run.base_seconds
         elif teacher is not None:
             model = train_distilled(c.model, counts, teacher, run.data, epochs, c.lr, seed=run.seed,
                                     device=c.device, keep_best=True, desc=f"distilled {width:g}")
         else:
             model = train_base(c.model, run.data, epochs, c.lr, run.seed, c.device, desc=f"individual {width:g}",
                                keep_best=True, **width_kwargs(c.model, counts))
-        seconds += time.perf_counter() - started
+        took = time.perf_counter() - started + (run.base_seconds if model is run.base else 0.0)
+        seconds += took
         save_model(model, file)
+        atomic_write(timing, lambda tmp: Path(tmp).write_text(json.dumps({"seconds": took})))
         models[width] = model
     by_counts = {tuple(sorted(run.counts(w).items())): m for w, m in models.items()}
     return Trained(lambda counts: by_counts[tuple(sorted(counts.items()))], seconds,

@@ -57,6 +57,8 @@ HELP = {
     "recon_weight": "lambda_1: weight of the reconstruction loss (see docs for the exact formula)",
     "recon_rows": "fraction of full-width weight rows used to estimate the reconstruction loss each step",
     "recon_noise": "jitter the coordinates in the reconstruction loss too",
+    "prefit_noise": "jitter the coordinates in the pre-fit (default: as recon_noise); no-prefit-noise reconstructs "
+                    "the channels' centres exactly first",
     "l2_weight": "lambda_2: weight of the squared L2 norm of the generated weights",
     "inplace_distill": "in-place distillation: the full width learns the labels, the sampled width its outputs",
     "sandwich": "sandwich rule: the narrowest width of the range is also trained every step",

@@ -104,6 +104,10 @@ class FitConfig:
     recon_noise: bool = True     # jitter coordinates in L_recon too: the INR then learns each
                                  # channel's value over its whole cell, which is what narrower
                                  # widths read (off: full width fits, other widths fall to chance)
+    prefit_noise: Optional[bool] = None  # coordinate noise in the pre-fit's L_recon (None: as recon_noise);
+                                 # False: the pre-fit reconstructs the channels' centres exactly
+                                 # (ResNet-20, every group: every tensor within 0.01), the joint
+                                 # phase's noise then spreads them over their cells
     recon_reduction: str = "mean"  # "mean" per element of each tensor, "sum" (the paper's norms) or "relative"
     l2_weight: float = 1e-4      # lambda_2
     inplace_distill: bool = True   # the full width also learns the task; its detached outputs
@@ -737,7 +741,8 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
             recon = reconstruction_from_values(values, targets, config.recon_reduction)
             full_params = manifold.params_from_rows(manifold.with_detail(values, full), full)
         else:
-            recon = reconstruction_loss(manifold, targets, config.recon_rows, config.recon_noise,
+            noise = config.recon_noise if not prefit or config.prefit_noise is None else config.prefit_noise
+            recon = reconstruction_loss(manifold, targets, config.recon_rows, noise,
                                         config.recon_reduction, grad_tensors=subset)
         if prefit:
             loss, task_loss = config.recon_weight * recon, torch.zeros(())
