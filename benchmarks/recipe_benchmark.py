@@ -105,6 +105,12 @@ def variants() -> Dict[str, dict]:
     ]
     for section, key, value in flips:
         out[_switched(key, value)] = {section: {key: value}}
+    # a candidate of several options: the INR that holds every tensor of ResNet-20 after the pre-fit
+    # (docs/benchmarks.md, "Reconstruction after the pre-fit"), so the joint phase starts from the
+    # reference network itself
+    out["default, exact pre-fit"] = {"inr": {"encoding": "gaussian", "frequencies": 64},
+                                     "fit": {"recon_reduction": "relative", "prefit_noise": False,
+                                             "prefit_decay": True}}
     out[_switched("smooth", False)] = {"smooth": False}
     return out
 

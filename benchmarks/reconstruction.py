@@ -8,7 +8,8 @@ here for ``--epochs`` on ``--train-size`` images and kept in ``--out-dir``), eve
 morphing (``--groups paper``: only the paper's block), permuted for smoothness as ``fit`` sees it.
 Each variant runs ``nm.fit`` with ``--steps`` pre-fit steps and no joint step, and the table gives
 ``FitResult.reconstruction``: each generated tensor's relative error ||W - W0|| / ||W0|| at full
-width (noise-free INR values), the share of tensors within 0.05, and the pre-fit's seconds per
+width (noise-free INR values), the share of tensors within 0.05, the INR's full width's accuracy
+on ``--eval-size`` validation images beside the base model's, and the pre-fit's seconds per
 step. Variants:
 
 - ``paper``: the paper's encoding (powers of two of each coordinate) and the default loss;
@@ -27,6 +28,7 @@ Writes ``benchmarks/results/reconstruction.md`` (``--results``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -35,6 +37,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -75,21 +78,38 @@ def base_model(args, data) -> torch.nn.Module:
 def prefit(base, data, variant: str, args) -> dict:
     """One variant's pre-fit: per-tensor relative errors and seconds per step (cached as JSON)."""
     slug = variant.replace("+", "-").replace(", ", "-").replace(" ", "-")
+    slug += "".join(f"-{k}={v}" for k, v in ([("hidden", args.hidden)] if args.hidden != 256 else []) + args.set)
     cache = Path(args.out_dir) / f"{slug}-{args.groups or 'every'}-{args.steps}.json"
     if cache.exists():
         return json.loads(cache.read_text())
-    inr_options, fit_options = VARIANTS[variant]
+    inr_options, fit_options = (dict(options) for options in VARIANTS[variant])
+    for key, value in args.set:  # --set overrides, e.g. inr.frequencies=64 fit.lr=0.003
+        section, name = key.split(".", 1)
+        (inr_options if section == "inr" else fit_options)[name] = value
     manifold = build_manifold(base, data.example, nm.INRConfig(hidden=args.hidden, **inr_options),
                               groups=args.groups, seed=args.seed, log=lambda *_: None).to(args.device)
-    config = nm.FitConfig(prefit_steps=args.steps, steps=0, seed=args.seed, **fit_options)
+    # validated once, at the end: the full width's accuracy, the INR's and the base model's
+    config = nm.FitConfig(prefit_steps=args.steps, steps=0, seed=args.seed, eval_widths=(1.0,), eval_every=10 ** 9,
+                          **fit_options)
     started = time.perf_counter()
     with warnings.catch_warnings():  # the table says what the warning would
         warnings.simplefilter("ignore")
-        result = nm.fit(manifold, data.task, data.train, None, config)
-    row = {"errors": result.reconstruction, "seconds_per_step": (time.perf_counter() - started) / max(1, args.steps),
-           "inr_parameters": count_parameters(manifold.inr)}
+        result = nm.fit(manifold, data.task, data.train, data.val, config)
+    seconds = time.perf_counter() - started
+    row = {"errors": result.reconstruction, "seconds_per_step": seconds / max(1, args.steps),
+           "inr_parameters": count_parameters(manifold.inr), "full_width": result.full_width}
     atomic_write(cache, lambda tmp: Path(tmp).write_text(json.dumps(row, indent=1)))
     return row
+
+
+def _override(item: str, parser) -> tuple:
+    """"inr.frequencies=64" -> ("inr.frequencies", 64), the value read as YAML (numbers, true/false)."""
+    key, _, value = item.partition("=")
+    section, _, name = key.partition(".")
+    fields = {"inr": nm.INRConfig, "fit": nm.FitConfig}.get(section)
+    if not value or fields is None or name not in {f.name for f in dataclasses.fields(fields)}:
+        parser.error(f"--set {item}: expected inr.KEY=VALUE or fit.KEY=VALUE with a field of INRConfig or FitConfig")
+    return key, yaml.safe_load(value)
 
 
 def table(rows: dict) -> str:
@@ -106,6 +126,10 @@ def table(rows: dict) -> str:
     }
     for label, cell in summary.items():
         lines.append(f"| *{label}* | " + " | ".join(cell(list(r["errors"].values())) for r in rows.values()) + " |")
+    if any(r.get("full_width") for r in rows.values()):  # results cached before it was measured lack it
+        lines.append("| *full width, validation accuracy: INR (base)* | " + " | ".join(
+            f"{100 * r['full_width']['inr']:.2f} ({100 * r['full_width']['reference']:.2f})" if r.get("full_width")
+            else "–" for r in rows.values()) + " |")
     lines.append("| *seconds per pre-fit step* | " + " | ".join(f"{r['seconds_per_step']:.2f}" for r in rows.values()) + " |")
     return "\n".join(lines)
 
@@ -119,16 +143,22 @@ def main(argv=None) -> str:
     parser.add_argument("--groups", default=None, help="paper: the paper's block only; default every group")
     parser.add_argument("--epochs", type=int, default=4, help="the base model's epochs, when trained here")
     parser.add_argument("--train-size", type=int, default=10000)
+    parser.add_argument("--eval-size", type=int, default=2000, help="validation images for the full width's accuracy")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out-dir", default="runs/reconstruction")
     parser.add_argument("--results", default=str(ROOT / "benchmarks/results/reconstruction.md"))
+    parser.add_argument("--set", nargs="+", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a variant's options, e.g. inr.frequencies=64 fit.lr=0.003 (section inr or fit)")
     args = parser.parse_args(argv)
-    data = load_data(DataConfig(dataset="fashion-mnist-32x3", train_size=args.train_size, eval_size=1000), args.seed)
+    args.set = [_override(item, parser) for item in args.set]
+    data = load_data(DataConfig(dataset="fashion-mnist-32x3", train_size=args.train_size, eval_size=args.eval_size),
+                     args.seed)
     base = base_model(args, data).to(args.device)
     rows = {v: prefit(base, data, v, args) for v in args.variants}
     head = (f"ResNet-20, {'every group' if not args.groups else 'groups=' + args.groups} morphing, "
-            f"{args.steps} pre-fit steps, INR {args.hidden} wide "
+            f"{args.steps} pre-fit steps, INR {args.hidden} wide"
+            + "".join(f", {k}={v}" for k, v in args.set) + " "
             f"({next(iter(rows.values()))['inr_parameters']:,} parameters); {device_name(args.device)}, "
             f"{time.strftime('%Y-%m-%d')}. Relative error ||W - W0|| / ||W0|| at full width; best per row in bold.")
     command = shlex.join(sys.argv[1:] if argv is None else argv)
