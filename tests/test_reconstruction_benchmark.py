@@ -25,6 +25,7 @@ def test_the_table_has_every_tensor_and_a_rerun_reads_the_cache(tmp_path):
     assert any(r.startswith("| *within 0.05* |") for r in rows)
     accuracy = next(r for r in rows if r.startswith("| *full width, validation accuracy"))
     assert accuracy.split("|")[2:4] and all("(" in c for c in accuracy.split("|")[2:4])  # each variant: the INR's full width (the base model's)
+    assert any(r.startswith("| *width 0.5, validation accuracy") for r in rows)
     cached = sorted((tmp_path / "runs").glob("*.json"))
     assert len(cached) == 2
     stamps = [p.stat().st_mtime_ns for p in cached]
