@@ -1,0 +1,73 @@
+"""The first joint steps of a fit, from a pre-fit already done, under other joint options.
+
+    python benchmarks/joint_start.py runs/compare-resnet20-every/seed0/neumeta.ckpt \\
+        --config configs/compare-resnet20-every.yaml --steps 200 --set lr=0.0002
+
+Why: an every-layer ResNet-20 pre-fit costs 10-20 minutes here, and whether the joint phase
+survives its first hundred steps is what is being tuned (docs/benchmarks.md, "Reconstruction
+after the pre-fit"). This loads the INR (its EMA) from a ``fit`` checkpoint written at the end of
+the pre-fit, fits ``--steps`` joint steps with the config's fit options overridden by ``--set``,
+validating every ``--eval-every`` steps, and prints the validation history and any rollback of
+the divergence guard.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import warnings
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    import neumeta  # noqa: F401
+except ImportError:  # let the script run without PYTHONPATH=src as well
+    sys.path.insert(0, str(ROOT / "src"))
+import neumeta as nm
+from neumeta.checkpoint import load_checkpoint
+from neumeta.cli import parse_command
+from neumeta.experiment import build_manifold, load_data
+
+
+def main(argv=None) -> list:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint", help="a fit checkpoint written when (or after) the pre-fit ended")
+    parser.add_argument("--config", required=True, help="the compare config the checkpoint was fitted with")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--eval-size", type=int, default=2000, help="validation images")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="FitConfig overrides, e.g. lr=0.0002")
+    args = parser.parse_args(argv)
+    _, config = parse_command(["compare", "--config", args.config])
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in {f.name for f in dataclasses.fields(nm.FitConfig)} or not value:
+            parser.error(f"--set {item}: expected KEY=VALUE with KEY a FitConfig field")
+        overrides[key] = yaml.safe_load(value)
+    saved = load_checkpoint(args.checkpoint)
+    if saved["state"]["step"] < saved["config"]["prefit_steps"]:
+        parser.error(f"{args.checkpoint}: written at step {saved['state']['step']}, before its pre-fit ended")
+    data = load_data(dataclasses.replace(config.data, eval_size=args.eval_size), args.seed)
+    base = nm.load_model(Path(args.checkpoint).parent / "base.safetensors")
+    manifold = build_manifold(base, data.example, config.inr, config.coords, groups=config.groups, seed=args.seed,
+                              log=lambda *_: None).to(config.device)
+    manifold.load_state_dict(saved["ema"])
+    fit = dataclasses.replace(config.fit, prefit_steps=0, steps=args.steps, eval_every=args.eval_every,
+                              seed=args.seed, **overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = nm.fit(manifold, data.task, data.train, data.val, fit)
+    print(f"from step {saved['state']['step']} of {args.checkpoint}, {args.steps} joint steps, {overrides or 'as configured'}")
+    for row in result.history:
+        print("  " + ", ".join(f"{k}={v}" for k, v in row.items()))
+    for event in result.rollbacks:
+        print(f"  rollback at step {event['step']}: {event['why']}")
+    return result.history
+
+
+if __name__ == "__main__":
+    main()
