@@ -39,21 +39,25 @@ def main(argv=None) -> list:
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--eval-size", type=int, default=2000, help="validation images")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="FitConfig overrides, e.g. lr=0.0002")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="FitConfig overrides (lr=0.0002), CoordConfig ones prefixed (coords.noise=0)")
     args = parser.parse_args(argv)
     _, config = parse_command(["compare", "--config", args.config])
-    overrides = {}
+    overrides, coords = {}, {}
     for item in args.set:
         key, _, value = item.partition("=")
-        if key not in {f.name for f in dataclasses.fields(nm.FitConfig)} or not value:
-            parser.error(f"--set {item}: expected KEY=VALUE with KEY a FitConfig field")
-        overrides[key] = yaml.safe_load(value)
+        section, name = key.split(".", 1) if key.startswith("coords.") else ("fit", key)
+        fields = nm.CoordConfig if section == "coords" else nm.FitConfig
+        if name not in {f.name for f in dataclasses.fields(fields)} or not value:
+            parser.error(f"--set {item}: expected KEY=VALUE with KEY a FitConfig field or coords.KEY a CoordConfig one")
+        (coords if section == "coords" else overrides)[name] = yaml.safe_load(value)
     saved = load_checkpoint(args.checkpoint)
     if saved["state"]["step"] < saved["config"]["prefit_steps"]:
         parser.error(f"{args.checkpoint}: written at step {saved['state']['step']}, before its pre-fit ended")
     data = load_data(dataclasses.replace(config.data, eval_size=args.eval_size), args.seed)
     base = nm.load_model(Path(args.checkpoint).parent / "base.safetensors")
-    manifold = build_manifold(base, data.example, config.inr, config.coords, groups=config.groups, seed=args.seed,
+    manifold = build_manifold(base, data.example, config.inr, dataclasses.replace(config.coords, **coords),
+                              groups=config.groups, seed=args.seed,
                               log=lambda *_: None).to(config.device)
     manifold.load_state_dict(saved["ema"])
     fit = dataclasses.replace(config.fit, prefit_steps=0, steps=args.steps, eval_every=args.eval_every,
@@ -61,7 +65,8 @@ def main(argv=None) -> list:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = nm.fit(manifold, data.task, data.train, data.val, fit)
-    print(f"from step {saved['state']['step']} of {args.checkpoint}, {args.steps} joint steps, {overrides or 'as configured'}")
+    changed = {**overrides, **{f"coords.{k}": v for k, v in coords.items()}}
+    print(f"from step {saved['state']['step']} of {args.checkpoint}, {args.steps} joint steps, {changed or 'as configured'}")
     for row in result.history:
         print("  " + ", ".join(f"{k}={v}" for k, v in row.items()))
     for event in result.rollbacks:

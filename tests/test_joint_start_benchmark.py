@@ -22,7 +22,7 @@ def test_joint_steps_from_a_checkpoint_with_overrides(tmp_path):
     main(["compare", str(config)])
     checkpoint = out / "seed0" / "neumeta.ckpt"
     history = joint_start.main([str(checkpoint), "--config", str(config), "--steps", "4", "--eval-every", "2",
-                                "--eval-size", "100", "--set", "lr=0.0002", "sandwich=false"])
+                                "--eval-size", "100", "--set", "lr=0.0002", "sandwich=false", "coords.noise=0"])
     assert [row["step"] for row in history] == [2, 4]
     assert all(0 <= row["val_accuracy@0.5"] <= 1 for row in history)
     with pytest.raises(SystemExit):
