@@ -119,3 +119,14 @@ def test_prefit_noise_switches_the_noise_off_in_the_prefit_alone():
     for a, b, c, d in zip(quiet.parameters(), centres.parameters(), noisy.parameters(), followed.parameters()):
         assert torch.equal(a, b) and torch.equal(c, d)
     assert any(not torch.equal(a, c) for a, c in zip(quiet.parameters(), noisy.parameters()))
+
+
+def test_joint_lr_scales_the_joint_phase_alone():
+    from neumeta.train import _schedule
+    same, lower = (_schedule(nm.FitConfig(prefit_steps=10, steps=20, lr=1e-3, joint_lr=j, warmup=0.5))
+                   for j in (None, 1e-4))
+    assert [same(s) for s in range(10)] == [lower(s) for s in range(10)] == [1.0] * 10  # the pre-fit at lr
+    assert same(19) == pytest.approx(1.0) and lower(19) == pytest.approx(0.1)  # the joint peak, after warm-up
+    assert [lower(s) for s in range(10, 30)] == pytest.approx([0.1 * same(s) for s in range(10, 30)])
+    with pytest.raises(ValueError, match="joint_lr"):
+        nm.FitConfig(joint_lr=0.0)

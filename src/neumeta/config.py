@@ -49,6 +49,7 @@ HELP = {
     "steps": "joint training steps of the manifold, after the pre-fit",
     "prefit_steps": "reconstruction-only steps before joint training",
     "fit_lr": "Adam learning rate of the INR",
+    "joint_lr": "peak learning rate of the joint phase (default: fit_lr, which the pre-fit always uses)",
     "warmup": "fraction of the joint steps with a linear learning-rate warm-up",
     "prefit_decay": "cosine-decay the pre-fit's learning rate to zero (else constant)",
     "min_width": "narrowest width multiplier seen in training (0.5 = compression 50 %)",
