@@ -19,6 +19,7 @@ on the ablation seeds beside the same seeds' default and individual models.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -88,6 +89,15 @@ def candidate_flips() -> List[tuple]:
             ("fit", "recon_reduction", "relative" if fit.recon_reduction != "relative" else "mean")]
 
 
+# candidates of several options together, named for what they are
+COMBINED = {
+    # the INR that holds every tensor of ResNet-20 after the pre-fit (docs/benchmarks.md,
+    # "Reconstruction after the pre-fit"), so the joint phase starts from the reference network itself
+    "default, exact pre-fit": {"inr": {"encoding": "gaussian", "frequencies": 64},
+                               "fit": {"recon_reduction": "relative", "prefit_noise": False, "prefit_decay": True}},
+}
+
+
 def variants() -> Dict[str, dict]:
     """Variant name -> option tree (``recipe``, ``fit``, ``coords``, ``inr``, ``smooth``)."""
     fit, coords = FitConfig(), CoordConfig()
@@ -105,12 +115,7 @@ def variants() -> Dict[str, dict]:
     ]
     for section, key, value in flips:
         out[_switched(key, value)] = {section: {key: value}}
-    # a candidate of several options: the INR that holds every tensor of ResNet-20 after the pre-fit
-    # (docs/benchmarks.md, "Reconstruction after the pre-fit"), so the joint phase starts from the
-    # reference network itself
-    out["default, exact pre-fit"] = {"inr": {"encoding": "gaussian", "frequencies": 64},
-                                     "fit": {"recon_reduction": "relative", "prefit_noise": False,
-                                             "prefit_decay": True}}
+    out.update(copy.deepcopy(COMBINED))
     out[_switched("smooth", False)] = {"smooth": False}
     return out
 

@@ -39,13 +39,14 @@ def test_matched_epochs_give_individual_models_the_manifolds_data():
     assert rb.matched_epochs(rb.Schedule(steps=0), batches_per_epoch=430) == 4
 
 
-def test_variants_switch_one_option_each():
+def test_variants_switch_one_option_each_unless_named_as_a_combination():
     names = rb.variants()
-    assert {"paper", "default"} <= set(names)
+    assert {"paper", "default"} <= set(names) and set(rb.COMBINED) <= set(names)
     for name, tree in names.items():
         if name not in ("paper", "default"):
             leaves = [v for section in tree.values() for v in (section.values() if isinstance(section, dict) else [section])]
-            assert len(leaves) == 1, name
+            assert (len(leaves) > 1) == (name in rb.COMBINED), name
+            assert (" = " in name) == (name not in rb.COMBINED), name  # "default, key = value" names one switch
 
 
 @pytest.mark.slow
