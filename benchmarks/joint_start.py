@@ -18,8 +18,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 try:
     import neumeta  # noqa: F401
@@ -28,6 +26,7 @@ except ImportError:  # let the script run without PYTHONPATH=src as well
 import neumeta as nm
 from neumeta.checkpoint import load_checkpoint
 from neumeta.cli import parse_command
+from neumeta.config import ConfigError, parse_overrides
 from neumeta.experiment import build_manifold, load_data
 
 
@@ -43,14 +42,11 @@ def main(argv=None) -> list:
                         help="FitConfig overrides (lr=0.0002), CoordConfig ones prefixed (coords.noise=0)")
     args = parser.parse_args(argv)
     _, config = parse_command(["compare", "--config", args.config])
-    overrides, coords = {}, {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        section, name = key.split(".", 1) if key.startswith("coords.") else ("fit", key)
-        fields = nm.CoordConfig if section == "coords" else nm.FitConfig
-        if name not in {f.name for f in dataclasses.fields(fields)} or not value:
-            parser.error(f"--set {item}: expected KEY=VALUE with KEY a FitConfig field or coords.KEY a CoordConfig one")
-        (coords if section == "coords" else overrides)[name] = yaml.safe_load(value)
+    try:
+        parsed = parse_overrides(args.set, {"fit": nm.FitConfig, "coords": nm.CoordConfig}, default="fit")
+    except ConfigError as err:
+        parser.error(str(err))
+    overrides, coords = parsed["fit"], parsed["coords"]
     saved = load_checkpoint(args.checkpoint)
     if saved["state"]["step"] < saved["config"]["prefit_steps"]:
         parser.error(f"{args.checkpoint}: written at step {saved['state']['step']}, before its pre-fit ended")

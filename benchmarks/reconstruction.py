@@ -30,7 +30,6 @@ Writes ``benchmarks/results/reconstruction.md`` (``--results``).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shlex
 import sys
@@ -39,7 +38,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -49,6 +47,7 @@ except ImportError:  # let the script run without PYTHONPATH=src as well
     sys.path.insert(0, str(ROOT / "src"))
 import neumeta as nm
 from benchmarks.recipe_benchmark import device_name
+from neumeta.config import ConfigError, parse_overrides
 from neumeta.experiment import DataConfig, build_manifold, count_parameters, load_data, train_base
 from neumeta.io import atomic_write
 
@@ -66,7 +65,7 @@ VARIANTS = {
 }
 
 
-NARROWER = (1.0, 0.75, 0.5)  # validated after the pre-fit: the joint phase starts from these networks
+NARROWER = (0.75, 0.5)  # validated after the pre-fit with the full width: the joint phase starts from these
 
 
 def base_model(args, data) -> torch.nn.Module:
@@ -85,18 +84,17 @@ def base_model(args, data) -> torch.nn.Module:
 def prefit(base, data, variant: str, args) -> dict:
     """One variant's pre-fit: per-tensor relative errors and seconds per step (cached as JSON)."""
     slug = variant.replace("+", "-").replace(", ", "-").replace(" ", "-")
-    slug += "".join(f"-{k}={v}" for k, v in ([("hidden", args.hidden)] if args.hidden != 256 else []) + args.set)
+    slug += "".join(f"-{item}" for item in ([f"hidden={args.hidden}"] if args.hidden != 256 else []) + args.set)
     cache = Path(args.out_dir) / f"{slug}-{args.groups or 'every'}-{args.steps}.json"
     if cache.exists():
         return json.loads(cache.read_text())
-    inr_options, fit_options = (dict(options) for options in VARIANTS[variant])
-    for key, value in args.set:  # --set overrides, e.g. inr.frequencies=64 fit.lr=0.003
-        section, name = key.split(".", 1)
-        (inr_options if section == "inr" else fit_options)[name] = value
+    inr_options, fit_options = VARIANTS[variant]
+    inr_options = {**inr_options, **args.overrides["inr"]}  # --set, e.g. inr.frequencies=64 fit.lr=0.003
+    fit_options = {**fit_options, **args.overrides["fit"]}
     manifold = build_manifold(base, data.example, nm.INRConfig(hidden=args.hidden, **inr_options),
                               groups=args.groups, seed=args.seed, log=lambda *_: None).to(args.device)
     # validated once, at the end: the full width's accuracy, the INR's and the base model's
-    config = nm.FitConfig(prefit_steps=args.steps, steps=0, seed=args.seed, eval_widths=NARROWER,
+    config = nm.FitConfig(prefit_steps=args.steps, steps=0, seed=args.seed, eval_widths=(1.0, *NARROWER),
                           eval_every=10 ** 9, **fit_options)
     started = time.perf_counter()
     with warnings.catch_warnings():  # the table says what the warning would
@@ -105,19 +103,9 @@ def prefit(base, data, variant: str, args) -> dict:
     seconds = time.perf_counter() - started
     row = {"errors": result.reconstruction, "seconds_per_step": seconds / max(1, args.steps),
            "inr_parameters": count_parameters(manifold.inr), "full_width": result.full_width,
-           "narrower": {f"{w:g}": result.history[-1][f"val_accuracy@{w:g}"] for w in NARROWER[1:]}}
+           "narrower": {f"{w:g}": result.history[-1][f"val_accuracy@{w:g}"] for w in NARROWER}}
     atomic_write(cache, lambda tmp: Path(tmp).write_text(json.dumps(row, indent=1)))
     return row
-
-
-def _override(item: str, parser) -> tuple:
-    """"inr.frequencies=64" -> ("inr.frequencies", 64), the value read as YAML (numbers, true/false)."""
-    key, _, value = item.partition("=")
-    section, _, name = key.partition(".")
-    fields = {"inr": nm.INRConfig, "fit": nm.FitConfig}.get(section)
-    if not value or fields is None or name not in {f.name for f in dataclasses.fields(fields)}:
-        parser.error(f"--set {item}: expected inr.KEY=VALUE or fit.KEY=VALUE with a field of INRConfig or FitConfig")
-    return key, yaml.safe_load(value)
 
 
 def table(rows: dict) -> str:
@@ -138,7 +126,7 @@ def table(rows: dict) -> str:
         lines.append("| *full width, validation accuracy: INR (base)* | " + " | ".join(
             f"{100 * r['full_width']['inr']:.2f} ({100 * r['full_width']['reference']:.2f})" if r.get("full_width")
             else "–" for r in rows.values()) + " |")
-    for w in NARROWER[1:]:
+    for w in NARROWER:
         if any(r.get("narrower") for r in rows.values()):
             lines.append(f"| *width {w:g}, validation accuracy (noise-free)* | " + " | ".join(
                 f"{100 * r['narrower'][f'{w:g}']:.2f}" if r.get("narrower") else "–" for r in rows.values()) + " |")
@@ -163,14 +151,17 @@ def main(argv=None) -> str:
     parser.add_argument("--set", nargs="+", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a variant's options, e.g. inr.frequencies=64 fit.lr=0.003 (section inr or fit)")
     args = parser.parse_args(argv)
-    args.set = [_override(item, parser) for item in args.set]
+    try:
+        args.overrides = parse_overrides(args.set, {"inr": nm.INRConfig, "fit": nm.FitConfig})
+    except ConfigError as err:
+        parser.error(str(err))
     data = load_data(DataConfig(dataset="fashion-mnist-32x3", train_size=args.train_size, eval_size=args.eval_size),
                      args.seed)
     base = base_model(args, data).to(args.device)
     rows = {v: prefit(base, data, v, args) for v in args.variants}
     head = (f"ResNet-20, {'every group' if not args.groups else 'groups=' + args.groups} morphing, "
             f"{args.steps} pre-fit steps, INR {args.hidden} wide"
-            + "".join(f", {k}={v}" for k, v in args.set) + " "
+            + "".join(f", {item}" for item in args.set) + " "
             f"({next(iter(rows.values()))['inr_parameters']:,} parameters); {device_name(args.device)}, "
             f"{time.strftime('%Y-%m-%d')}. Relative error ||W - W0|| / ||W0|| at full width; best per row in bold.")
     command = shlex.join(sys.argv[1:] if argv is None else argv)

@@ -212,3 +212,16 @@ def test_every_shipped_config_is_valid_for_its_command(path):
     command = "compare" if path.name.startswith("compare") else "demo"
     _, config = parse_command([command, "--config", str(path)])
     assert config.out_dir and config.out_dir.startswith("runs/")
+
+
+def test_parse_overrides_reads_typed_values_per_section_and_names_a_bad_key():
+    from neumeta.config import parse_overrides
+    sections = {"fit": nm.FitConfig, "coords": nm.CoordConfig}
+    parsed = parse_overrides(["lr=1e-4", "sandwich=false", "coords.noise=0", "eval_widths=[1, 0.5]"],
+                             sections, default="fit")
+    assert parsed == {"fit": {"lr": 1e-4, "sandwich": False, "eval_widths": (1.0, 0.5)}, "coords": {"noise": 0.0}}
+    assert isinstance(parsed["fit"]["lr"], float)  # YAML 1.1 reads 1e-4 as a string; the field's type decides
+    for bad, named in [("learning_rate=1", "learning_rate"), ("lr", "lr"), ("steps=many", "steps"),
+                       ("inr.hidden=8", "inr.hidden")]:
+        with pytest.raises(ConfigError, match=named):
+            parse_overrides([bad], sections, default="fit")

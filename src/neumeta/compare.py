@@ -108,16 +108,28 @@ def _neumeta(run: Run) -> Trained:
                    curve_network=lambda counts: network(counts, max(1, c.curve_samples)))
 
 
+def _read_seconds(model_file: Path) -> Optional[float]:
+    """The training time written beside a saved model (``x.json`` for ``x.safetensors``), if any."""
+    timing = model_file.with_suffix(".json")
+    return json.loads(timing.read_text())["seconds"] if timing.exists() else None
+
+
+def _save_timed(model: nn.Module, model_file: Path, seconds: float) -> None:
+    """Save a model with its training time beside it, so a later process can report the cost."""
+    save_model(model, model_file)
+    atomic_write(model_file.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps({"seconds": seconds})))
+
+
 def _individual(run: Run, epochs: int, teacher: Optional[nn.Module] = None) -> Trained:
     from .baselines import train_distilled
     c, models, seconds = run.config, {}, 0.0
     for width in c.widths:
         counts = run.counts(width)
         name = f"{'distilled' if teacher is not None else 'individual'}_{width:g}_e{epochs}.safetensors"
-        file, timing = run.folder / name, (run.folder / name).with_suffix(".json")
+        file = run.folder / name
         if file.exists():  # trained by an earlier process: its time was written beside it
             models[width] = load_model(file)
-            seconds += json.loads(timing.read_text())["seconds"] if timing.exists() else 0.0
+            seconds += _read_seconds(file) or 0.0
             continue
         started = time.perf_counter()
         if width == 1.0 and teacher is None and epochs == c.epochs:
@@ -130,8 +142,7 @@ def _individual(run: Run, epochs: int, teacher: Optional[nn.Module] = None) -> T
                                keep_best=True, **width_kwargs(c.model, counts))
         took = time.perf_counter() - started + (run.base_seconds if model is run.base else 0.0)
         seconds += took
-        save_model(model, file)
-        atomic_write(timing, lambda tmp: Path(tmp).write_text(json.dumps({"seconds": took})))
+        _save_timed(model, file, took)
         models[width] = model
     by_counts = {tuple(sorted(run.counts(w).items())): m for w, m in models.items()}
     return Trained(lambda counts: by_counts[tuple(sorted(counts.items()))], seconds,
@@ -268,15 +279,14 @@ def compare(config: CompareConfig, log=print) -> str:
         folder.mkdir(parents=True, exist_ok=True)
         data = load_data(config.data, seed)
         base_file = folder / "base.safetensors"
-        timing = folder / "base.json"
-        if base_file.exists() and timing.exists():
-            base, base_seconds = load_model(base_file), json.loads(timing.read_text())["seconds"]
+        base_seconds = _read_seconds(base_file) if base_file.exists() else None
+        if base_seconds is not None:
+            base = load_model(base_file)
         else:
             started = time.perf_counter()
             base = train_base(config.model, data, config.epochs, config.lr, seed, config.device, desc=f"base {seed}")
             base_seconds = time.perf_counter() - started
-            save_model(base, base_file)
-            atomic_write(timing, lambda tmp: Path(tmp).write_text(json.dumps({"seconds": base_seconds})))
+            _save_timed(base, base_file, base_seconds)
         base.to(config.device).eval()
         space = WidthSpace(base, data.example.to(config.device), groups=config.groups)
         run = Run(config, seed, data, base, base_seconds, space, folder)

@@ -277,6 +277,24 @@ def load_config(cls, args: argparse.Namespace, commands: Sequence[type] = ()):
     return config
 
 
+def parse_overrides(items: Sequence[str], sections: Mapping[str, type], default: Optional[str] = None,
+                    flag: str = "--set") -> Dict[str, dict]:
+    """``["fit.lr=3e-4", "inr.frequencies=64"]`` -> ``{"fit": {"lr": 3e-4}, "inr": {"frequencies": 64}}``,
+    each value read as YAML and checked against its field's type in ``sections[section]``; a key
+    without a section belongs to ``default``. For scripts that try one option at a time."""
+    out: Dict[str, dict] = {name: {} for name in sections}
+    for item in items:
+        key, sep, text = item.partition("=")
+        section, _, name = key.rpartition(".")
+        cls = sections.get(section or default)
+        hints = typing.get_type_hints(cls) if cls is not None else {}
+        if not sep or not text or name not in hints or dataclasses.is_dataclass(hints[name]):
+            known = " or ".join(f"{s + '.' if s != default else ''}KEY ({c.__name__})" for s, c in sections.items())
+            raise ConfigError(f"{flag} {item}: expected KEY=VALUE with KEY one of {known}")
+        out[section or default][name] = checked_value(yaml.safe_load(text), hints[name], f"{flag} {key}")
+    return out
+
+
 # --------------------------------------------------------------------------- types
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")  # YAML 1.1 reads 1e-3 as a string
 
