@@ -130,3 +130,41 @@ def test_joint_lr_scales_the_joint_phase_alone():
     assert [lower(s) for s in range(10, 30)] == pytest.approx([0.1 * same(s) for s in range(10, 30)])
     with pytest.raises(ValueError, match="joint_lr"):
         nm.FitConfig(joint_lr=0.0)
+
+
+def test_noise_ramp_grows_the_coordinate_noise_over_the_joint_phase():
+    """noise_ramp: the jitter grows linearly from none over that fraction of the joint steps; a
+    fraction f of the noise moves every coordinate f times as far (same draw), and fit leaves the
+    manifold drawing all of it, as sampling does."""
+    from neumeta.train import noise_fraction
+    config = nm.FitConfig(prefit_steps=10, steps=20, noise_ramp=0.5)
+    assert [noise_fraction(s, config) for s in (0, 9)] == [1.0, 1.0]  # the pre-fit: prefit_noise decides
+    assert [noise_fraction(s, config) for s in (10, 14, 19, 20, 29)] == pytest.approx([0.1, 0.5, 1.0, 1.0, 1.0])
+    assert noise_fraction(10, nm.FitConfig(prefit_steps=10, steps=20)) == 1.0  # no ramp: all at once
+    with pytest.raises(ValueError, match="noise_ramp"):
+        nm.FitConfig(noise_ramp=1.5)
+
+    manifold = _manifold("powers")
+    counts = manifold.space.full
+    with torch.no_grad():
+        centre = torch.cat([v.flatten() for v in manifold.row_values(counts, noise=False)])
+        moved = {}
+        for f in (0.0, 0.1, 1.0):
+            manifold.noise_fraction = f
+            values = manifold.row_values(counts, noise=True, generator=torch.Generator().manual_seed(1))
+            moved[f] = torch.cat([v.flatten() for v in values])
+    assert torch.equal(moved[0.0], centre)
+    assert 0 < (moved[0.1] - centre).abs().max() < (moved[1.0] - centre).abs().max()
+
+    from neumeta.data import TensorLoader
+    loader = TensorLoader(torch.zeros(8, 1, 28, 28), torch.zeros(8, dtype=torch.long), batch_size=4)
+    fitted = {}
+    for ramp in (0.0, 1.0):
+        manifold = _manifold("powers")
+        manifold.noise_fraction = 0.3
+        nm.fit(manifold, nm.ClassificationTask(10), loader, None,
+               nm.FitConfig(prefit_steps=1, steps=3, noise_ramp=ramp, eval_every=10, seed=0), progress=False)
+        assert manifold.noise_fraction == 1.0
+        fitted[ramp] = manifold
+    # same seed, same draws: only the ramped noise tells the two fits apart
+    assert any(not torch.equal(a, b) for a, b in zip(fitted[0.0].parameters(), fitted[1.0].parameters()))

@@ -49,6 +49,8 @@ HELP = {
     "steps": "joint training steps of the manifold, after the pre-fit",
     "prefit_steps": "reconstruction-only steps before joint training",
     "fit_lr": "Adam learning rate of the INR",
+    "noise_ramp": "fraction of the joint steps over which the coordinate noise grows from none to --noise "
+                  "(0: all at once); for an INR pre-fitted without noise (--no-prefit-noise)",
     "joint_lr": "peak learning rate of the joint phase (default: fit_lr, which the pre-fit always uses)",
     "warmup": "fraction of the joint steps with a linear learning-rate warm-up",
     "prefit_decay": "cosine-decay the pre-fit's learning rate to zero (else constant)",

@@ -122,6 +122,7 @@ class WeightManifold(nn.Module):
         self._base_cache: Dict[tuple, list] = {}
         self._detail_maps: Dict[tuple, list] = {}
         self._noise_counts: Optional[Dict[str, int]] = None
+        self.noise_fraction = 1.0  # of the coordinate noise in row_values; fit ramps it (FitConfig.noise_ramp)
         self.full_width_choice: Optional[str] = None  # fit's choice for INRConfig(full_width="best")
         self.detail: Optional[nn.ParameterList] = None
         if inr.detail:  # full width is the reference exactly from the start (and again after the pre-fit)
@@ -237,8 +238,8 @@ class WeightManifold(nn.Module):
         for i, (coords, scale) in enumerate(tables):
             if rows is not None:
                 coords = coords[rows[i]]
-            if noise and self.coord_config.noise > 0:
-                coords = coords + (2 * self._uniform(coords, generator) - 1) * scale
+            if noise and self.coord_config.noise > 0 and self.noise_fraction > 0:
+                coords = coords + (2 * self._uniform(coords, generator) - 1) * (scale * self.noise_fraction)
             feats.append(self.fourier(coords, self.specs[i].block))
         values = self._finish(self._inr_outputs(feats, grad_tensors), counts, rows)
         return self.with_detail(values, counts, rows) if detail else values

@@ -98,6 +98,10 @@ class FitConfig:
                                  # holds every tensor exactly (64 features, noise-free pre-fit) is
                                  # wrecked by 1e-3 in the joint phase but learns at 1e-4 (ResNet-20)
     warmup: float = 0.1          # fraction of joint steps with a linear LR warm-up
+    noise_ramp: float = 0.0      # fraction of joint steps over which the coordinate noise grows
+                                 # linearly from none to CoordConfig.noise (0: all of it at once);
+                                 # for an INR pre-fitted without noise, which holds only the channel
+                                 # centres: full noise at once sent ResNet-20 (every layer) to chance
     min_width: float = 0.5       # narrowest trained width (compression gamma = 0.5)
     max_width: float = 1.0
     per_group: bool = True       # each group draws its own width (else one shared multiplier)
@@ -153,6 +157,8 @@ class FitConfig:
             raise ValueError(f"joint_lr must be > 0 (or None: lr), not {self.joint_lr}")
         if not 0 < self.guard_lr_factor < 1:
             raise ValueError(f"guard_lr_factor must be in (0, 1), not {self.guard_lr_factor}")
+        if not 0 <= self.noise_ramp <= 1:
+            raise ValueError(f"noise_ramp must be in [0, 1] (a fraction of the joint steps), not {self.noise_ramp}")
         if not 0 < self.tensor_subset <= 1:
             raise ValueError(f"tensor_subset must be in (0, 1] (a fraction of the tensors), not {self.tensor_subset}")
         self.eval_widths = tuple(float(w) for w in self.eval_widths)
@@ -381,6 +387,15 @@ def endless_batches(loader, start_step: int = 0) -> Iterator:
             if i >= skip:
                 yield batch
         epoch, skip = epoch + 1, 0
+
+
+def noise_fraction(step: int, config: FitConfig) -> float:
+    """How much of the coordinate noise a step uses: all of it in the pre-fit (``prefit_noise``
+    decides there) and after ``noise_ramp`` of the joint steps, growing linearly in between."""
+    ramp = config.noise_ramp * config.steps
+    if step < config.prefit_steps or ramp <= 0:
+        return 1.0
+    return min(1.0, (step - config.prefit_steps + 1) / ramp)
 
 
 def _schedule(config: FitConfig):
@@ -738,6 +753,7 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
         started = time.perf_counter()
         batch = [t.to(device) for t in next(batches)]
         prefit = step < config.prefit_steps
+        manifold.noise_fraction = noise_fraction(step, config)
         counts, full_params = full, None
         subset = None if prefit else draw_tensor_subset(manifold, config, rng)
         if not prefit and config.inplace_distill and config.recon_noise:
@@ -806,6 +822,7 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
                 bar.reset(total=total)
                 bar.update(step)
     bar.close()
+    manifold.noise_fraction = 1.0  # sampling draws the configured noise
     if step == config.prefit_steps and "reconstruction" not in state:  # a fit of pre-fit steps alone
         record_reconstruction(manifold, state, config, rank)
     why = never_learned(state, config, chance, task.metric) if chance is not None else None
