@@ -290,3 +290,31 @@ def test_a_fit_on_the_gpu_resumes_on_the_gpu(tmp_path):
     again = _tiny_fit(_manifold().cuda(), ckpt, resume=True)  # finished: restores it and returns
     for a, b in zip(first.manifold.parameters(), again.manifold.parameters()):
         assert a.device.type == "cuda" and torch.equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore::neumeta.NeverLearnedWarning")
+def test_a_finished_prefit_resumes_under_other_joint_options_and_nothing_else(tmp_path):
+    """One pre-fit serves several joint recipes: resumed from the checkpoint written when the
+    pre-fit ended, with the joint phase's options changed, the fit is the one a fresh fit with
+    those options gives. A pre-fit option, or a joint option once joint steps were taken, is refused."""
+    torch.manual_seed(3)
+    loader = TensorLoader(torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,)), batch_size=8)
+    base = dict(prefit_steps=2, eval_every=2, eval_widths=(1.0,), guard=False, seed=0)
+    joint = dict(steps=4, sandwich=False, joint_lr=3e-4, noise_ramp=0.5)
+
+    def fit(ckpt, **options):
+        return nm.fit(_manifold(), nm.ClassificationTask(10), loader, None, nm.FitConfig(**base, **options),
+                      checkpoint=str(ckpt), resume="auto", progress=False)
+
+    fresh = fit(tmp_path / "fresh.ckpt", **joint)
+    prefit = tmp_path / "prefit.ckpt"
+    fit(prefit, steps=0)  # the pre-fit alone, with the default joint options
+    assert load_checkpoint(prefit)["state"]["step"] == 2
+    for bad in ({"lr": 2e-3}, {"recon_rows": 0.5}):  # options the pre-fit read
+        with pytest.raises(ValueError, match=f"cannot resume.*{next(iter(bad))}"):
+            fit(prefit, **joint, **bad)
+    resumed = fit(prefit, **joint)
+    for a, b in zip(fresh.manifold.parameters(), resumed.manifold.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="cannot resume.*sandwich"):  # joint steps taken: the recipe is fixed
+        fit(prefit, **{**joint, "steps": 6, "sandwich": True})

@@ -505,10 +505,19 @@ def changed_options(saved: Mapping, now: Mapping, prefix: str = "", skip: Sequen
             if key in saved and key not in skip and plain(saved[key]) != plain(value)]
 
 
-def check_resumable(saved: Mapping, config: FitConfig, checkpoint) -> None:
+# options that only the joint phase reads: a checkpoint written when the pre-fit ended (before any
+# joint step) resumes under other values of these, so one pre-fit serves several joint recipes
+JOINT_ONLY = ("steps", "joint_lr", "warmup", "noise_ramp", "min_width", "max_width", "per_group",
+              "inplace_distill", "sandwich", "original_distill", "l2_weight", "tensor_subset", "eval_widths",
+              "select_widths")
+
+
+def check_resumable(saved: Mapping, config: FitConfig, checkpoint, step: Optional[int] = None) -> None:
     """Refuse to resume a checkpoint written with other training options: the rest of the run would
-    silently mix two recipes (e.g. a default changed since)."""
-    differ = changed_options(saved, dataclasses.asdict(config), skip=WATCH_ONLY)
+    silently mix two recipes (e.g. a default changed since). At the end of the pre-fit (``step`` ==
+    its ``prefit_steps``) the joint phase's own options may differ."""
+    prefit_done = step is not None and step == saved.get("prefit_steps") == config.prefit_steps
+    differ = changed_options(saved, dataclasses.asdict(config), skip=WATCH_ONLY + (JOINT_ONLY if prefit_done else ()))
     if differ:
         raise ValueError(f"cannot resume {checkpoint}: it was written with other fit options ("
                          + "; ".join(differ) + "); fit with those options, or move the checkpoint away to start afresh")
@@ -660,6 +669,10 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
         ema.load_state_dict(saved["ema"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+        # the rate of this config's schedule (the same one, unless a finished pre-fit resumes under
+        # other joint options, whose rate the saved optimizer does not know)
+        for group, lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = lr * factor(saved["state"]["step"])
         rng.setstate(saved["rng"])
         set_torch_rng_states(saved["torch_rng"])
         state.clear()
@@ -667,7 +680,7 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
 
     if resuming:
         saved = load_checkpoint(checkpoint)  # every rank reads the same file: all continue alike
-        check_resumable(saved.get("config", {}), config, checkpoint)
+        check_resumable(saved.get("config", {}), config, checkpoint, saved["state"]["step"])
         check_same_base(saved.get("fingerprint"), fingerprint, checkpoint)
         restore(saved)
     # wall time carried over from the processes that wrote the checkpoint (a rollback restores an
