@@ -34,6 +34,7 @@ from .groups import WidthSpace
 from .inr import INRConfig
 from .io import atomic_write, load_model, save_model
 from .models import width_kwargs
+from .progress import progress_bar
 from .train import FitConfig, fit
 
 TABLE_WIDTHS = (1.0, 0.75, 0.5, 0.25)  # gamma 0, 25, 50, 75 %
@@ -233,10 +234,11 @@ def curve_widths(space: WidthSpace) -> List[float]:
     return [k / smallest for k in range(1, smallest + 1)]
 
 
-def _measure(trained: Trained, run: Run, widths: Sequence[float], curve: bool = False) -> Dict[str, float]:
+def _measure(trained: Trained, run: Run, widths: Sequence[float], curve: bool = False,
+             desc: str = "test") -> Dict[str, float]:
     task, scores = run.data.task, {}
     network = (trained.curve_network if curve else None) or trained.network
-    for width in widths:
+    for width in progress_bar(iterable=widths, desc=desc, unit="width", leave=False):
         if trained.widths is not None and width not in trained.widths:
             continue
         module = network(run.counts(width)).to(run.config.device).eval()
@@ -254,8 +256,9 @@ def run_method(name: str, run: Run, log=print) -> dict:
     result = {"method": name, "protocol": protocol, "seed": run.seed, "metric": run.data.task.metric,
               "seconds": trained.seconds,
               "stored_parameters": trained.stored_parameters,
-              "table": _measure(trained, run, run.config.widths),
-              "curve": _measure(trained, run, curve_widths(run.space), curve=True) if run.config.curve_samples else {}}
+              "table": _measure(trained, run, run.config.widths, desc=f"{name}: test"),
+              "curve": (_measure(trained, run, curve_widths(run.space), curve=True, desc=f"{name}: curve")
+                        if run.config.curve_samples else {})}
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
     log(f"seed {run.seed}: {name}: " + ", ".join(f"{w}: {100 * v:.2f}" for w, v in result["table"].items()))
     return result
