@@ -3,6 +3,7 @@ precedence, fit and sample end to end."""
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -216,6 +217,11 @@ def test_every_shipped_config_is_valid_for_its_command(path):
     if config.out_dir.startswith("benchmarks/"):  # but not the models it trains
         ignored = (Path(__file__).resolve().parents[1] / "benchmarks" / "results" / ".gitignore").read_text()
         assert "*.safetensors" in ignored.split() and "*.ckpt" in ignored.split()
+        root = Path(__file__).resolve().parents[1]
+        if shutil.which("git") and (root / ".git").exists():  # a clone: ask git itself
+            kept, rebuilt = f"{config.out_dir}/seed0/neumeta.json", f"{config.out_dir}/seed0/base.json"
+            check = subprocess.run(["git", "check-ignore", kept, rebuilt], cwd=root, capture_output=True, text=True)
+            assert check.stdout.split() == [rebuilt], check.stdout
 
 
 def test_parse_overrides_reads_typed_values_per_section_and_names_a_bad_key():

@@ -65,6 +65,10 @@ def test_a_rerun_skips_what_is_done(compared, monkeypatch):
     def never(run):
         raise AssertionError("a finished run was run again")
     monkeypatch.setattr(compare_module, "METHODS", {n: (never, p) for n, (_, p) in METHODS.items()})
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("a seed whose numbers are all kept loaded its data")
+    monkeypatch.setattr(compare_module, "load_data", no_data)  # so a fresh clone redraws tables at once
     before = (compared / "table.md").read_text()
     config = CompareConfig(seeds=(0,), epochs=1, widths=(1.0, 0.5, 0.25), samples=1, curve_samples=1,
                            out_dir=str(compared), data=DataConfig(train_size=256, eval_size=200, val_size=500,

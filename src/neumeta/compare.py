@@ -280,6 +280,11 @@ def compare(config: CompareConfig, log=print) -> str:
     for seed in config.seeds:
         folder = out / f"seed{seed}"
         folder.mkdir(parents=True, exist_ok=True)
+        if all((folder / f"{name}.json").exists() for name in names):
+            # Every number of this seed is kept: no data, base model or training needed.
+            for name in names:
+                results[name].append(json.loads((folder / f"{name}.json").read_text()))
+            continue
         data = load_data(config.data, seed)
         base_file = folder / "base.safetensors"
         base_seconds = _read_seconds(base_file) if base_file.exists() else None
