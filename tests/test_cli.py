@@ -215,9 +215,9 @@ def test_every_shipped_config_is_valid_for_its_command(path):
     # runs/ is ignored; benchmarks/results/ keeps a long comparison's numbers between sessions
     assert config.out_dir and config.out_dir.startswith(("runs/", "benchmarks/results/"))
     if config.out_dir.startswith("benchmarks/"):  # but not the models it trains
-        ignored = (Path(__file__).resolve().parents[1] / "benchmarks" / "results" / ".gitignore").read_text()
-        assert "*.safetensors" in ignored.split() and "*.ckpt" in ignored.split()
         root = Path(__file__).resolve().parents[1]
+        ignored = (root / "benchmarks" / "results" / ".gitignore").read_text()
+        assert "*.safetensors" in ignored.split() and "*.ckpt" in ignored.split()
         if shutil.which("git") and (root / ".git").exists():  # a clone: ask git itself
             kept, rebuilt = f"{config.out_dir}/seed0/neumeta.json", f"{config.out_dir}/seed0/base.json"
             check = subprocess.run(["git", "check-ignore", kept, rebuilt], cwd=root, capture_output=True, text=True)

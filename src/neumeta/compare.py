@@ -246,11 +246,18 @@ def _measure(trained: Trained, run: Run, widths: Sequence[float], curve: bool = 
     return scores
 
 
+def _kept(folder: Path, name: str) -> Optional[dict]:
+    """A method's numbers for one seed, as a finished run left them in ``folder``, if any."""
+    path = folder / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def run_method(name: str, run: Run, log=print) -> dict:
     """One method on one seed, or its cached numbers."""
+    kept = _kept(run.folder, name)
+    if kept is not None:
+        return kept
     path = run.folder / f"{name}.json"
-    if path.exists():
-        return json.loads(path.read_text())
     method, protocol = METHODS[name]
     trained = method(run)
     result = {"method": name, "protocol": protocol, "seed": run.seed, "metric": run.data.task.metric,
@@ -280,10 +287,11 @@ def compare(config: CompareConfig, log=print) -> str:
     for seed in config.seeds:
         folder = out / f"seed{seed}"
         folder.mkdir(parents=True, exist_ok=True)
-        if all((folder / f"{name}.json").exists() for name in names):
+        kept = {name: _kept(folder, name) for name in names}
+        if all(r is not None for r in kept.values()):
             # Every number of this seed is kept: no data, base model or training needed.
             for name in names:
-                results[name].append(json.loads((folder / f"{name}.json").read_text()))
+                results[name].append(kept[name])
             continue
         data = load_data(config.data, seed)
         base_file = folder / "base.safetensors"
@@ -299,7 +307,7 @@ def compare(config: CompareConfig, log=print) -> str:
         space = WidthSpace(base, data.example.to(config.device), groups=config.groups)
         run = Run(config, seed, data, base, base_seconds, space, folder)
         for name in names:
-            results[name].append(run_method(name, run, log))
+            results[name].append(kept[name] if kept[name] is not None else run_method(name, run, log))
     table = summarise(results, config)
     (out / "table.md").write_text(table + "\n")
     _write_csv(results, out / "table.csv")
