@@ -73,8 +73,8 @@ def candidate_flips() -> List[tuple]:
     higher one (the joint phase is still climbing when the schedule ends), or a residual INR (a
     correction on the resampled reference: exact at full width; or a detail table, exact at full
     width and faded out below the trained range); for the INR's slower learning per image, the
-    gaussian encoding (mixed channel frequencies) and the relative L_recon. ``run`` leaves them out
-    unless named: the default table is the paper preset, the default and the ablation."""
+    gaussian encoding (mixed channel frequencies), learned per-channel features and the relative
+    L_recon. ``run`` leaves them out unless named: the default table is the paper preset, the default and the ablation."""
     fit, coords, inr = FitConfig(), CoordConfig(), INRConfig()
     return [("inr", "frequencies", 8 if inr.frequencies != 8 else 16),
             ("coords", "noise", 1.0 if coords.noise != 1.0 else 0.5),
@@ -86,6 +86,7 @@ def candidate_flips() -> List[tuple]:
             ("inr", "residual", "area" if inr.residual != "area" else "none"),
             ("inr", "detail", not inr.detail),
             ("inr", "encoding", "gaussian" if inr.encoding != "gaussian" else "powers"),
+            ("inr", "channel_features", 16 if inr.channel_features != 16 else 0),
             ("fit", "recon_reduction", "relative" if fit.recon_reduction != "relative" else "mean")]
 
 

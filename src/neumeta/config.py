@@ -92,6 +92,8 @@ HELP = {
     "encoding": "coordinate encoding: powers (sin/cos of 2^k pi v per coordinate, the paper's) or gaussian (random "
                 "features mixing in- and out-channel positions, frequencies scaled per tensor by its channels)",
     "encoding_scale": "gaussian encoding: standard deviation of its frequencies, in cycles per channel",
+    "channel_features": "learned features per input and output channel of every tensor, interpolated at the "
+                        "coordinate and appended to the encoding (0: none)",
     "residual": "none (the INR outputs the weights), or the INR learns a correction on top of the reference "
                 "weights resampled to the width, exact at full width: cells (each channel the mean of its "
                 "cell's full channels), linear (interpolated at its centre) or area (weighted by cell overlap)",

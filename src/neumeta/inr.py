@@ -52,6 +52,12 @@ class INRConfig:
         input keeps the same width. It holds large tensors better: ResNet-20 with every group
         morphing, 1,000 pre-fit steps, largest relative error 0.44 against 0.68
         (docs/benchmarks.md, "Reconstruction after the pre-fit").
+    channel_features: when > 0, every tensor gets a learned vector of this many features per input
+        and per output channel of its full width (``ChannelFeatures``), read at the coordinate by
+        linear interpolation and appended to the encoding. Why: the MLP learns smooth functions of
+        the coordinates first, so one channel's own weights move slowly; a feature of its own moves
+        at the speed of an ordinary weight, and a narrower width reads the mean of its cell as the
+        coordinates already do. 0 (default): the encoding alone.
     """
     hidden: int = 256
     depth: int = 5
@@ -62,6 +68,7 @@ class INRConfig:
     detail: bool = False
     detail_fade: float = 0.125
     full_width: str = "best"
+    channel_features: int = 0
 
     def __post_init__(self):
         if self.depth < 2 or self.hidden < 1 or self.frequencies < 0:
@@ -76,6 +83,8 @@ class INRConfig:
             raise ValueError(f"encoding_scale must be > 0 (cycles per channel), not {self.encoding_scale}")
         if self.detail and self.residual != "none":
             raise ValueError("detail and residual are two ways of holding the reference's detail: use one of them")
+        if self.channel_features < 0:
+            raise ValueError(f"channel_features must be >= 0, not {self.channel_features}")
         if not self.detail_fade > 0:
             raise ValueError(f"detail_fade must be > 0 (a width fraction), not {self.detail_fade}")
 
@@ -120,6 +129,40 @@ class GaussianFeatures(nn.Module):
     def forward(self, v: torch.Tensor, block: int = 0) -> torch.Tensor:
         angles = (v * self.channel_scale[block]) @ self.B
         return torch.cat([v, torch.sin(angles), torch.cos(angles)], dim=-1)
+
+
+class ChannelFeatures(nn.Module):
+    """An encoding followed by learned per-channel features of each tensor.
+
+    Block b has tables [C_in(b), dim] and [C_out(b), dim] over its full channel counts (a bias has
+    one input "channel"). A coordinate v in [0, 1] reads the table at v * C - 1/2 by linear
+    interpolation, so channel j's centre (j + 1/2)/C reads row j exactly and a jittered or narrower
+    coordinate reads a blend of its neighbours. The tables start at zero: before training the
+    features add nothing to the encoding.
+    """
+
+    def __init__(self, encoding: nn.Module, channels: Sequence[Sequence[int]], dim: int):
+        super().__init__()
+        self.encoding, self.dim = encoding, dim
+        self.inputs = nn.ParameterList([nn.Parameter(torch.zeros(max(1, c_in), dim)) for c_in, _ in channels])
+        self.outputs = nn.ParameterList([nn.Parameter(torch.zeros(max(1, c_out), dim)) for _, c_out in channels])
+
+    def out_dim(self, in_dim: int) -> int:
+        return self.encoding.out_dim(in_dim) + 2 * self.dim
+
+    @staticmethod
+    def read(table: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``table`` [C, dim] linearly interpolated at positions ``v`` [R] (channel centres at (j + 1/2)/C)."""
+        count = table.shape[0]
+        t = (v * count - 0.5).clamp(0, count - 1)
+        low = t.floor().long().clamp(max=max(count - 2, 0))
+        frac = (t - low).unsqueeze(-1)
+        high = (low + 1).clamp(max=count - 1)
+        return table[low] * (1 - frac) + table[high] * frac
+
+    def forward(self, v: torch.Tensor, block: int = 0) -> torch.Tensor:
+        return torch.cat([self.encoding(v, block), self.read(self.inputs[block], v[:, 1]),
+                          self.read(self.outputs[block], v[:, 2])], dim=-1)
 
 
 def _mlp(x: torch.Tensor, w_in, b_in, w_hidden, b_hidden, w_out, b_out) -> torch.Tensor:

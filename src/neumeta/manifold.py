@@ -16,7 +16,7 @@ import torch.nn as nn
 from .calibrate import Reference, calibrate, measure_reference
 from .coords import CoordConfig, tensor_channel_scale, tensor_coordinates
 from .groups import MorphLayer, Width, WidthSpace
-from .inr import BlockMLP, FourierFeatures, GaussianFeatures, INRConfig
+from .inr import BlockMLP, ChannelFeatures, FourierFeatures, GaussianFeatures, INRConfig
 from .resample import apply_resampling, resampling, resampled_rows
 
 
@@ -102,6 +102,10 @@ class WeightManifold(nn.Module):
         self.fourier = FourierFeatures(inr.frequencies) if inr.encoding == "powers" else \
             GaussianFeatures(coords.dim, coords.dim * inr.frequencies, inr.encoding_scale,
                              torch.stack([tensor_channel_scale(space, s.layer, coords) for s in specs]))
+        if inr.channel_features:
+            channels = [(1 if s.bias else space.layer_channels(s.layer, space.full)[0],
+                         space.layer_channels(s.layer, space.full)[1]) for s in specs]
+            self.fourier = ChannelFeatures(self.fourier, channels, inr.channel_features)
         self.inr = BlockMLP(len(specs), self.fourier.out_dim(coords.dim), self.out_dim, inr)
         for s in specs:
             self.register_buffer(f"crop_{s.block}", _crop_index(s, self.out_dim), persistent=False)
