@@ -78,6 +78,22 @@ def test_a_rerun_skips_what_is_done(compared, monkeypatch):
     assert compare(config) + "\n" == before
 
 
+def test_running_some_methods_keeps_the_rows_of_the_others(compared, tmp_path):
+    """--methods picks what runs: the table still shows every method finished in out_dir, in the
+    usual order, and a method finished for only some seeds is left out."""
+    import shutil
+    out = tmp_path / "again"
+    shutil.copytree(compared, out)
+    (out / "seed0" / "inn.json").unlink()  # not finished
+    config = CompareConfig(seeds=(0,), methods=("individual",), epochs=1, widths=(1.0, 0.5, 0.25), samples=1,
+                           curve_samples=1, out_dir=str(out),
+                           data=DataConfig(train_size=256, eval_size=200, val_size=500, batch_size=64))
+    table = compare(config)
+    rows = [line.split("|")[1].strip() for line in table.splitlines()[2:] if line.startswith("| ")]
+    expected = [n for n in METHODS if n != "inn" and n not in BATCHNORM_ONLY]
+    assert rows == expected
+
+
 def test_individual_models_trained_earlier_keep_their_time(compared):
     """A rerun that finds the per-width models on disk counts the time they took to train, so an
     interrupted comparison does not report them as free."""

@@ -308,6 +308,14 @@ def compare(config: CompareConfig, log=print) -> str:
         run = Run(config, seed, data, base, base_seconds, space, folder)
         for name in names:
             results[name].append(kept[name] if kept[name] is not None else run_method(name, run, log))
+    # --methods chooses what runs, not what the table shows: methods an earlier run of this
+    # out_dir finished for every seed keep their rows, so running one more does not drop the rest
+    for name in METHODS:
+        if name not in results:
+            kept = [_kept(out / f"seed{seed}", name) for seed in config.seeds]
+            if all(k is not None for k in kept):
+                results[name] = kept
+    results = {name: results[name] for name in METHODS if name in results}
     table = summarise(results, config)
     (out / "table.md").write_text(table + "\n")
     _write_csv(results, out / "table.csv")
