@@ -33,7 +33,7 @@ BENCHMARK_HELP = {
     "ablation_seeds": "run the variants other than paper and default on these seeds only (some of --seeds); "
                       "the table then has two parts: paper and default over every seed, all variants on these",
     "results": "path stem of the written table (.md), raw numbers (.json) and plot (.png); default "
-               "benchmarks/results/recipe(-quick), or OUT_DIR/recipe for a changed schedule",
+               "benchmarks/results/recipe(-quick), or OUT_DIR/recipe for a changed schedule or candidate variants",
     "epochs": "epochs of the base and individual models (default: the schedule's, 4 or 1 with --quick)",
     "prefit_steps": "the fit's reconstruction-only steps (default: the schedule's)",
     "steps": "the fit's joint steps (default: the schedule's)",

@@ -167,7 +167,8 @@ class RecipeBenchmarkConfig:
     out_dir: Optional[str] = None  # default runs/recipe or runs/recipe-quick (+ the schedule's changes)
     results: Optional[str] = None  # stem of the table, raw numbers and plots; default
                                    # benchmarks/results/recipe(-quick) for the standard schedules, else
-                                   # <out_dir>/recipe (a changed schedule's table is not a standard one)
+                                   # <out_dir>/recipe (a changed schedule's table, or one with candidate
+                                   # variants, is not a standard one)
     data: DataConfig = field(default_factory=DataConfig)
 
 
@@ -746,7 +747,9 @@ def run(config: RecipeBenchmarkConfig, log=print, schedule: Optional[Schedule] =
         if value is not None and value != getattr(standard, key):
             changed += f"-{letter}{value}"
     out_root = Path(config.out_dir or f"runs/{tag}{changed}")
-    results_stem = Path(config.results or (out_root / "recipe" if changed else f"benchmarks/results/{tag}"))
+    # a run of candidates is not the standard table either: it must not replace the committed one
+    own_table = changed or any(v in candidates for v in chosen)
+    results_stem = Path(config.results or (out_root / "recipe" if own_table else f"benchmarks/results/{tag}"))
     results_stem.parent.mkdir(parents=True, exist_ok=True)
     results: Dict[str, List[dict]] = {name: [] for name in chosen}
     baselines = []

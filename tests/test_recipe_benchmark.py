@@ -213,6 +213,12 @@ def test_ablation_seeds_fit_the_ablation_on_those_seeds_only_and_write_two_table
     rb.run(rb.RecipeBenchmarkConfig(seeds=(0,), variants=("default",), quick=True), log=lambda *_: None)
     assert folders[-1] == Path("runs/recipe-quick/seed0")  # a standard schedule: its table is kept
     assert (tmp_path / "benchmarks/results/recipe-quick.md").exists()
+    # candidate variants on the standard schedule: their table goes to the run folder, not over the standard one
+    standard = (tmp_path / "benchmarks/results/recipe-quick.md").read_text()
+    candidate = rb._switched(*rb.candidate_flips()[0][1:])
+    rb.run(rb.RecipeBenchmarkConfig(seeds=(0,), variants=(candidate,), quick=True), log=lambda *_: None)
+    assert candidate in (tmp_path / "runs/recipe-quick/recipe.md").read_text()
+    assert (tmp_path / "benchmarks/results/recipe-quick.md").read_text() == standard
     with pytest.raises(ValueError, match="steps must be >= 1, not 0"):
         rb.run(rb.RecipeBenchmarkConfig(seeds=(0,), variants=("default",), steps=0), log=lambda *_: None)
 
