@@ -74,7 +74,8 @@ def candidate_flips() -> List[tuple]:
     correction on the resampled reference: exact at full width; or a detail table, exact at full
     width and faded out below the trained range); for the INR's slower learning per image, the
     gaussian encoding (mixed channel frequencies), learned per-channel features and the relative
-    L_recon. ``run`` leaves them out unless named: the default table is the paper preset, the default and the ablation."""
+    L_recon. ``run`` leaves them out unless named: the default table is the paper preset, the
+    default and the ablation."""
     fit, coords, inr = FitConfig(), CoordConfig(), INRConfig()
     return [("inr", "frequencies", 8 if inr.frequencies != 8 else 16),
             ("coords", "noise", 1.0 if coords.noise != 1.0 else 0.5),

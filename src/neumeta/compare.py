@@ -312,9 +312,9 @@ def compare(config: CompareConfig, log=print) -> str:
     # out_dir finished for every seed keep their rows, so running one more does not drop the rest
     for name in METHODS:
         if name not in results:
-            kept = [_kept(out / f"seed{seed}", name) for seed in config.seeds]
-            if all(k is not None for k in kept):
-                results[name] = kept
+            finished = [_kept(out / f"seed{seed}", name) for seed in config.seeds]
+            if all(r is not None for r in finished):
+                results[name] = finished
     results = {name: results[name] for name in METHODS if name in results}
     table = summarise(results, config)
     (out / "table.md").write_text(table + "\n")

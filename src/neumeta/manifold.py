@@ -103,8 +103,8 @@ class WeightManifold(nn.Module):
             GaussianFeatures(coords.dim, coords.dim * inr.frequencies, inr.encoding_scale,
                              torch.stack([tensor_channel_scale(space, s.layer, coords) for s in specs]))
         if inr.channel_features:
-            channels = [(1 if s.bias else space.layer_channels(s.layer, space.full)[0],
-                         space.layer_channels(s.layer, space.full)[1]) for s in specs]
+            full_channels = [space.layer_channels(s.layer, space.full) for s in specs]
+            channels = [(1 if s.bias else c_in, c_out) for s, (c_in, c_out) in zip(specs, full_channels)]
             self.fourier = ChannelFeatures(self.fourier, channels, inr.channel_features)
         self.inr = BlockMLP(len(specs), self.fourier.out_dim(coords.dim), self.out_dim, inr)
         for s in specs:
