@@ -55,7 +55,7 @@ except ImportError:  # let the script run without PYTHONPATH=src as well
 from benchmarks.recipe_benchmark import device_name, fit_step_seconds, plain_step_seconds
 from neumeta.coords import CoordConfig
 from neumeta.experiment import DataConfig, build_manifold, load_data
-from neumeta.inr import BlockMLP
+from neumeta.inr import BlockMLP, INRConfig
 from neumeta.models import create_model
 from neumeta.recipes import recipe
 
@@ -72,9 +72,9 @@ Written by `benchmarks/step_cost.py` (see its docstring for what each column mea
 the INR's matmul FLOPs of one step at the matmul rate measured beside it; "of the step": that
 over the fit step (1.0 = the step does nothing but the INR's arithmetic at full speed).
 """
-COLUMNS = ("| model | recipe | tensors (rows at full width) | tensor_subset | batched INR | plain step (ms) | fit step (ms) "
+COLUMNS = ("| model | recipe | INR hidden | tensors (rows at full width) | tensor_subset | batched INR | plain step (ms) | fit step (ms) "
            "| fit ÷ plain | INR GFLOP / step | matmul GFLOP/s | INR at the bound (ms) | of the step | peak memory (MiB) |\n"
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 
 
 def matmul_gflops(device: str, n: int = 1024, reps: int = 5) -> float:
@@ -151,20 +151,23 @@ def peak_memory(device: str) -> Iterator[Dict[str, float]]:
     result["mib"] = (_rss_kib("VmHWM") - before) / 1024
 
 
-def fresh_manifold(label: str, data, device: str, coords=None):
-    """A manifold of a freshly initialised ``label`` network (no permutation: it changes no cost)."""
+def fresh_manifold(label: str, data, device: str, coords=None, hidden: Optional[int] = None):
+    """A manifold of a freshly initialised ``label`` network (no permutation: it changes no cost);
+    ``hidden``: the INR's width (None: the library's default)."""
     name, _, groups = MODELS[label]
     torch.manual_seed(0)
-    return build_manifold(create_model(name).to(device), data.example.to(device), coords=coords or CoordConfig(),
-                          groups=groups, smoothing=False, log=lambda *_: None).to(device)
+    inr = INRConfig() if hidden is None else INRConfig(hidden=hidden)
+    return build_manifold(create_model(name).to(device), data.example.to(device), inr=inr,
+                          coords=coords or CoordConfig(), groups=groups, smoothing=False,
+                          log=lambda *_: None).to(device)
 
 
 def measure(label: str, data, device: str, subset: float, batched: bool, steps: int,
-            recipe_name: str = "default") -> dict:
+            recipe_name: str = "default", hidden: Optional[int] = None) -> dict:
     """One row: fit and plain steps back to back, the INR's FLOPs, the matmul rate, peak memory."""
     name = MODELS[label][0]
     config, coords = recipe(recipe_name, tensor_subset=subset)
-    manifold = fresh_manifold(label, data, device, coords)
+    manifold = fresh_manifold(label, data, device, coords, hidden)
     manifold.batched = batched
     with warnings.catch_warnings():  # timing fits of a fresh INR: what they warn about is not measured here
         warnings.simplefilter("ignore")
@@ -177,7 +180,7 @@ def measure(label: str, data, device: str, subset: float, batched: bool, steps: 
     rate = matmul_gflops(device)
     gflop = (flops[0] - once[0]) / steps / 1e9
     rows = sum(c.shape[0] for c, _ in manifold._coordinates(manifold.space.full))
-    return {"model": label, "recipe": recipe_name, "tensors": len(manifold.specs), "rows": rows, "subset": subset, "batched": batched,
+    return {"model": label, "recipe": recipe_name, "hidden": manifold.inr_config.hidden, "tensors": len(manifold.specs), "rows": rows, "subset": subset, "batched": batched,
             "plain_ms": 1e3 * plain_s, "fit_ms": 1e3 * fit_s, "gflop": gflop, "rate": rate,
             "bound_ms": 1e3 * gflop / rate, "memory_mib": memory["mib"]}
 
@@ -204,9 +207,17 @@ SAMPLING_COLUMNS = ("\n| model | K | one draw per INR call (ms) | draws stacked 
 
 
 def table_row(r: dict) -> str:
-    return (f"| {r['model']} | {r['recipe']} | {r['tensors']} ({r['rows']:,}) | {r['subset']:g} | {'on' if r['batched'] else 'off'} "
+    return (f"| {r['model']} | {r['recipe']} | {r['hidden']} | {r['tensors']} ({r['rows']:,}) | {r['subset']:g} | {'on' if r['batched'] else 'off'} "
             f"| {r['plain_ms']:.1f} | {r['fit_ms']:.0f} | {r['fit_ms'] / r['plain_ms']:.1f} | {r['gflop']:.2f} "
             f"| {r['rate']:.0f} | {r['bound_ms']:.0f} | {r['bound_ms'] / r['fit_ms']:.2f} | {r['memory_mib']:.0f} |\n")
+
+
+def parse_option(text: str) -> tuple:
+    """"0.25,on" -> (0.25, True): one (tensor_subset, batched INR) pair of ``--options``."""
+    subset, _, batched = text.partition(",")
+    if batched not in ("on", "off"):
+        raise SystemExit(f"--options: {text!r} is not SUBSET,on or SUBSET,off")
+    return float(subset), batched == "on"
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -218,6 +229,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--recipes", nargs="+", default=["default", "paper"],
                         help="training recipes timed (neumeta.recipes): the default trains 2-3 widths a step "
                              "with distillation, the paper's one width")
+    parser.add_argument("--hidden", nargs="+", type=int, default=[None],
+                        help="INR widths timed (default: the library's); issue 22's every-layer ResNet-20 "
+                             "is measured with a narrower INR too")
+    parser.add_argument("--options", nargs="+", default=None, metavar="SUBSET,BATCHED",
+                        help="(tensor_subset, batched) pairs to time, e.g. 1,off 0.25,on (default: all four)")
     parser.add_argument("--no-fit", action="store_true", help="only the sampling table")
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args(argv)
@@ -228,9 +244,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         dataset = MODELS[label][1]
         if dataset not in datasets:
             datasets[dataset] = load_data(DataConfig(dataset=dataset), 0)
-        for recipe_name, (subset, batched) in ([] if args.no_fit else
-                                               [(r, o) for r in args.recipes for o in OPTIONS]):
-            row = table_row(measure(label, datasets[dataset], args.device, subset, batched, args.steps, recipe_name))
+        options = OPTIONS if args.options is None else [parse_option(o) for o in args.options]
+        for recipe_name, hidden, (subset, batched) in ([] if args.no_fit else
+                                                       [(r, h, o) for r in args.recipes for h in args.hidden
+                                                        for o in options]):
+            row = table_row(measure(label, datasets[dataset], args.device, subset, batched, args.steps,
+                                    recipe_name, hidden))
             print(row, end="", flush=True)
             section += row
     sampling = ""

@@ -98,6 +98,10 @@ class FitConfig:
                                  # holds every tensor exactly (64 features, noise-free pre-fit) is
                                  # wrecked by 1e-3 in the joint phase but learns at 1e-4 (ResNet-20)
     warmup: float = 0.1          # fraction of joint steps with a linear LR warm-up
+    fresh_optimizer: bool = False  # restart Adam's moment estimates when the joint phase begins: the
+                                 # pre-fit ends on tiny reconstruction gradients, and a second-moment
+                                 # estimate ~1,000 steps behind the far larger task gradients lets
+                                 # every early joint step move the INR many times the learning rate
     noise_ramp: float = 0.0      # fraction of joint steps over which the coordinate noise grows
                                  # linearly from none to CoordConfig.noise (0: all of it at once);
                                  # for an INR pre-fitted without noise, which holds only the channel
@@ -507,7 +511,7 @@ def changed_options(saved: Mapping, now: Mapping, prefix: str = "", skip: Sequen
 
 # options that only the joint phase reads: a checkpoint written when the pre-fit ended (before any
 # joint step) resumes under other values of these, so one pre-fit serves several joint recipes
-JOINT_ONLY = ("steps", "joint_lr", "warmup", "noise_ramp", "min_width", "max_width", "per_group",
+JOINT_ONLY = ("steps", "joint_lr", "warmup", "fresh_optimizer", "noise_ramp", "min_width", "max_width", "per_group",
               "inplace_distill", "sandwich", "original_distill", "l2_weight", "tensor_subset", "eval_widths",
               "select_widths")
 
@@ -763,6 +767,8 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
     while step < total:
         if step == config.prefit_steps and "reconstruction" not in state:  # not part of the step's time
             record_reconstruction(manifold, state, config, rank)
+        if step == config.prefit_steps and config.fresh_optimizer and config.steps:
+            optimizer.state.clear()  # here too when resumed from the pre-fit's end, so both runs agree
         started = time.perf_counter()
         batch = [t.to(device) for t in next(batches)]
         prefit = step < config.prefit_steps
