@@ -3,6 +3,7 @@
     PYTHONPATH=src python benchmarks/step_cost.py                  # this machine's CPU
     PYTHONPATH=src python benchmarks/step_cost.py --device cuda    # a GPU
     PYTHONPATH=src python benchmarks/step_cost.py --steps 2 --models lenet   # a quick look
+    PYTHONPATH=src python benchmarks/step_cost.py --models resnet20 --hidden 256 64 --options 1,off 0.25,on
 
 For LeNet (Fashion-MNIST), ResNet-20 with every channel group morphed and ResNet-20 with the
 paper's groups (``groups="paper"``, the last block of layer3; Fashion-MNIST padded to 3x32x32),
