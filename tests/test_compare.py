@@ -151,3 +151,21 @@ def test_recalibrated_slimmable_shares_the_training_and_remeasures_batchnorm(tmp
     plain, recal = rows[("slimmable", "0.25")], rows[("slimmable-recalibrated", "0.25")]
     assert plain["seconds"] == recal["seconds"] and plain["stored_parameters"] == recal["stored_parameters"]
     assert plain["metric"] != recal["metric"]
+
+
+def test_fine_tuned_pruning_is_measured_again_and_says_so(compared, tmp_path):
+    """--finetune-steps N: the pruning rows kept from a run without fine-tuning are not reused;
+    the fine-tuned networks are measured (other numbers) and the row names its fine-tuning."""
+    import json
+    import shutil
+    out = tmp_path / "finetuned"
+    shutil.copytree(compared, out)
+    plain = json.loads((out / "seed0" / "prune-l1.json").read_text())
+    config = CompareConfig(seeds=(0,), methods=("prune-l1",), epochs=1, widths=(1.0, 0.5, 0.25), samples=1,
+                           curve_samples=0, finetune_steps=10, out_dir=str(out),
+                           data=DataConfig(train_size=256, eval_size=200, val_size=500, batch_size=64))
+    table = compare(config)
+    tuned = json.loads((out / "seed0" / "prune-l1.json").read_text())
+    assert tuned["protocol"] == plain["protocol"] + "; fine-tuned 10 steps per width"
+    assert tuned["table"] != plain["table"]
+    assert "fine-tuned 10 steps per width" in table

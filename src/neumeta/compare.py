@@ -246,19 +246,31 @@ def _measure(trained: Trained, run: Run, widths: Sequence[float], curve: bool = 
     return scores
 
 
-def _kept(folder: Path, name: str) -> Optional[dict]:
-    """A method's numbers for one seed, as a finished run left them in ``folder``, if any."""
+def protocol_of(name: str, config: CompareConfig) -> str:
+    """What the method's row says about how it was trained (fine-tuned pruning says so)."""
+    protocol = METHODS[name][1]
+    if name.startswith("prune-") and config.finetune_steps:
+        protocol += f"; fine-tuned {config.finetune_steps} steps per width"
+    return protocol
+
+
+def _kept(folder: Path, name: str, protocol: Optional[str] = None) -> Optional[dict]:
+    """A method's numbers for one seed, as a finished run left them in ``folder``, if any; with
+    ``protocol``, only numbers measured under it (pruning kept without fine-tuning is redone
+    when fine-tuning is asked for, and the other way round)."""
     path = folder / f"{name}.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    kept = json.loads(path.read_text()) if path.exists() else None
+    return None if kept is None or protocol not in (None, kept["protocol"]) else kept
 
 
 def run_method(name: str, run: Run, log=print) -> dict:
     """One method on one seed, or its cached numbers."""
-    kept = _kept(run.folder, name)
+    protocol = protocol_of(name, run.config)
+    kept = _kept(run.folder, name, protocol)
     if kept is not None:
         return kept
     path = run.folder / f"{name}.json"
-    method, protocol = METHODS[name]
+    method = METHODS[name][0]
     trained = method(run)
     result = {"method": name, "protocol": protocol, "seed": run.seed, "metric": run.data.task.metric,
               "seconds": trained.seconds,
@@ -287,7 +299,7 @@ def compare(config: CompareConfig, log=print) -> str:
     for seed in config.seeds:
         folder = out / f"seed{seed}"
         folder.mkdir(parents=True, exist_ok=True)
-        kept = {name: _kept(folder, name) for name in names}
+        kept = {name: _kept(folder, name, protocol_of(name, config)) for name in names}
         if all(r is not None for r in kept.values()):
             # Every number of this seed is kept: no data, base model or training needed.
             for name in names:
