@@ -99,9 +99,10 @@ class FitConfig:
                                  # wrecked by 1e-3 in the joint phase but learns at 1e-4 (ResNet-20)
     warmup: float = 0.1          # fraction of joint steps with a linear LR warm-up
     fresh_optimizer: bool = False  # restart Adam's moment estimates when the joint phase begins: the
-                                 # pre-fit ends on tiny reconstruction gradients, and a second-moment
-                                 # estimate ~1,000 steps behind the far larger task gradients lets
-                                 # every early joint step move the INR many times the learning rate
+                                 # pre-fit ends on small reconstruction gradients, so the second-moment
+                                 # estimate lags the task's and the first joint steps overshoot; on
+                                 # LeNet it halved the fall after the pre-fit, but the whole recipe
+                                 # ended level in range and 0.7 lower at 75 % (docs/recipe.md)
     noise_ramp: float = 0.0      # fraction of joint steps over which the coordinate noise grows
                                  # linearly from none to CoordConfig.noise (0: all of it at once);
                                  # for an INR pre-fitted without noise, which holds only the channel
