@@ -161,8 +161,12 @@ def _pruning(importance: str) -> Callable[[Run], Trained]:
 
         def network(counts):
             pruned = narrow_copy(run.base, run.data.example, highest(scores, counts))
-            return finetune(pruned, run.data, c.finetune_steps, c.lr, c.device, progress=False)
-        return Trained(network, run.base_seconds, count_parameters(run.base))
+            started = time.perf_counter()
+            tuned = finetune(pruned, run.data, c.finetune_steps, c.lr, c.device, progress=False)
+            trained.seconds += time.perf_counter() - started  # the table's widths' fine-tuning is training
+            return tuned
+        trained = Trained(network, run.base_seconds, count_parameters(run.base))
+        return trained
     return method
 
 
@@ -272,10 +276,11 @@ def run_method(name: str, run: Run, log=print) -> dict:
     path = run.folder / f"{name}.json"
     method = METHODS[name][0]
     trained = method(run)
+    table = _measure(trained, run, run.config.widths, desc=f"{name}: test")
     result = {"method": name, "protocol": protocol, "seed": run.seed, "metric": run.data.task.metric,
-              "seconds": trained.seconds,
+              "seconds": trained.seconds,  # read after the table: fine-tuned pruning trains its widths there
               "stored_parameters": trained.stored_parameters,
-              "table": _measure(trained, run, run.config.widths, desc=f"{name}: test"),
+              "table": table,
               "curve": (_measure(trained, run, curve_widths(run.space), curve=True, desc=f"{name}: curve")
                         if run.config.curve_samples else {})}
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
