@@ -216,9 +216,13 @@ def table_row(r: dict) -> str:
 def parse_option(text: str) -> tuple:
     """"0.25,on" -> (0.25, True): one (tensor_subset, batched INR) pair of ``--options``."""
     subset, _, batched = text.partition(",")
-    if batched not in ("on", "off"):
+    try:
+        fraction = float(subset)
+    except ValueError:
+        fraction = None
+    if fraction is None or batched not in ("on", "off"):
         raise SystemExit(f"--options: {text!r} is not SUBSET,on or SUBSET,off")
-    return float(subset), batched == "on"
+    return fraction, batched == "on"
 
 
 def main(argv: Optional[List[str]] = None) -> None:

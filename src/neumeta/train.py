@@ -768,7 +768,7 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
     while step < total:
         if step == config.prefit_steps and "reconstruction" not in state:  # not part of the step's time
             record_reconstruction(manifold, state, config, rank)
-        if step == config.prefit_steps and config.fresh_optimizer and config.steps:
+        if step == config.prefit_steps and config.fresh_optimizer:  # inside the loop: a joint step follows
             optimizer.state.clear()  # here too when resumed from the pre-fit's end, so both runs agree
         started = time.perf_counter()
         batch = [t.to(device) for t in next(batches)]
