@@ -48,13 +48,16 @@ def test_fit_lowers_the_loss_on_a_real_batch(real):
 
 
 @pytest.mark.filterwarnings("ignore::neumeta.NeverLearnedWarning")  # short on purpose
-def test_resume_continues_exactly_where_it_stopped(real, tmp_path):
+@pytest.mark.parametrize("train_original", [False, True])  # True: the learning teacher resumes too
+def test_resume_continues_exactly_where_it_stopped(real, tmp_path, train_original):
     base, x, y, task = real
     loader = TensorLoader(x[:320], y[:320], batch_size=64)  # 5 batches per epoch
     val = TensorLoader(x[512:768], y[512:768], batch_size=256, shuffle=False)
     # guard off: a rollback would be another test (test_recipe.py); 28 steps end at chance, which
     # fit only warns about (NeverLearnedWarning), as any unfinished schedule
-    config = nm.FitConfig(steps=24, prefit_steps=4, eval_every=7, eval_widths=(1.0, 0.5), guard=False)
+    config = nm.FitConfig(steps=24, prefit_steps=4, eval_every=7, eval_widths=(1.0, 0.5), guard=False,
+                          train_original=train_original)
+    losses_per_step = 2 if train_original else 1  # the learning teacher's own loss, the full width's
 
     def fresh():
         torch.manual_seed(1)
@@ -66,7 +69,7 @@ def test_resume_continues_exactly_where_it_stopped(real, tmp_path):
     ckpt = tmp_path / "fit.ckpt"
     broken = fresh()
     with pytest.raises(Crash):  # dies after the checkpoint of step 21, during step 24
-        nm.fit(broken, CrashingTask(crash_at=20), loader, val, config, checkpoint=str(ckpt), progress=False)
+        nm.fit(broken, CrashingTask(crash_at=20 * losses_per_step), loader, val, config, checkpoint=str(ckpt), progress=False)
     saved_step = load_checkpoint(ckpt)["state"]["step"]
     assert saved_step == 21
     resumed = fresh()

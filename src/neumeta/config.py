@@ -68,6 +68,8 @@ HELP = {
     "inplace_distill": "in-place distillation: the full width learns the labels, the sampled width its outputs",
     "sandwich": "sandwich rule: the narrowest width of the range is also trained every step",
     "original_distill": "the reference (pre-trained) network's outputs also teach every trained width (KD)",
+    "train_original": "that teacher is a copy of the reference that goes on learning the same batches (plain Adam), "
+                      "as an individual model would (on LeNet: level in range, lower at unseen widths)",
     "recon_reduction": "reconstruction loss per tensor: mean over elements, sum (the paper's squared norms), or "
                        "relative (mean / the reference's mean square, averaged over tensors: every tensor alike)",
     "guard": "divergence guard: roll back to the last good checkpoint on NaN/inf or a collapse to chance",

@@ -21,7 +21,9 @@ runs the batch through it with ``torch.func.functional_call`` and minimises
                   CE(f_s, y)                       plain
                   KL(f_full || f_s) + CE(f_full, y) in-place distillation (the full width
                                                    learns the labels, once per step)
-              plus KL(f_original || f_s) with ``original_distill`` (the default)
+              plus KL(f_original || f_s) with ``original_distill`` (the default); with
+              ``train_original`` f_original is a copy of the reference that goes on learning
+              the labels of the same batches (plain Adam), else the reference as it is
 
 Adam with a constant-LR reconstruction-only pre-fit, then a linear warm-up and a cosine
 decay; an EMA of the INR is what gets evaluated and returned.
@@ -130,6 +132,11 @@ class FitConfig:
     original_distill: bool = True   # the reference (pre-trained) network's outputs also teach
                                     # every trained width (KD); chosen on validation over 3 seeds:
                                     # +0.35 at full width, +0.37 at 0.5, +0.41 at the unseen 0.25
+    train_original: bool = False    # that teacher is a copy of the reference that goes on learning
+                                    # the same batches (Adam at lr, constant), as an individual model
+                                    # would; the reference itself (full width, L_recon) stays. On
+                                    # LeNet a teacher 2 points better left the trained widths level
+                                    # and 0.6 lower at 75 % (docs/recipe.md)
     guard: bool = True           # roll back on NaN/inf or a collapse to chance
     guard_retries: int = 3       # rollbacks before giving up
     guard_lr_factor: float = 0.5  # learning rate multiplier at each rollback
@@ -456,6 +463,21 @@ def task_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence
     return loss, l2
 
 
+def learn_original(original: torch.nn.Module, optimizer, task, batch, world: int) -> torch.Tensor:
+    """One plain step of the teacher that goes on learning (``train_original``); returns its
+    outputs on the batch from before the step, detached, for the distillation."""
+    outputs = original(batch[0])
+    optimizer.zero_grad(set_to_none=True)
+    task.loss(outputs, batch).backward()
+    if world > 1:
+        for p in original.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= world
+    optimizer.step()
+    return outputs.detach()
+
+
 def choose_full_width(manifold: WeightManifold, task, val_loader, config: FitConfig, device) -> Optional[dict]:
     """With ``INRConfig(full_width="best")``: the reference network and the INR's own full width
     scored on the validation data (as the fit validates: ``eval_samples`` draws), and the better
@@ -513,7 +535,7 @@ def changed_options(saved: Mapping, now: Mapping, prefix: str = "", skip: Sequen
 # options that only the joint phase reads: a checkpoint written when the pre-fit ended (before any
 # joint step) resumes under other values of these, so one pre-fit serves several joint recipes
 JOINT_ONLY = ("steps", "joint_lr", "warmup", "fresh_optimizer", "noise_ramp", "min_width", "max_width", "per_group",
-              "inplace_distill", "sandwich", "original_distill", "l2_weight", "tensor_subset", "eval_widths",
+              "inplace_distill", "sandwich", "original_distill", "train_original", "l2_weight", "tensor_subset", "eval_widths",
               "select_widths")
 
 
@@ -663,11 +685,22 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
              "seconds": 0.0}
     chance = getattr(task, "chance", None)
 
+    # the teacher that goes on learning (train_original): a copy, so the reference stays as it was
+    original, original_optimizer = None, None
+    if config.train_original and config.original_distill:
+        original = copy.deepcopy(template).train()
+        for p in original.parameters():
+            p.requires_grad_(True)
+        original_optimizer = torch.optim.Adam(original.parameters(), lr=config.lr)
+
     def capture() -> dict:
         state["seconds"] = elapsed()
+        learning = {} if original is None else {"original": original.state_dict(),
+                                                "original_optimizer": original_optimizer.state_dict()}
         return copy.deepcopy({"inr": manifold.state_dict(), "ema": ema.state_dict(),
                               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                              "rng": rng.getstate(), "torch_rng": torch_rng_states(), "state": state})
+                              "rng": rng.getstate(), "torch_rng": torch_rng_states(), "state": state,
+                              **learning})
 
     def restore(saved: dict):
         manifold.load_state_dict(saved["inr"])
@@ -678,6 +711,9 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
         # other joint options, whose rate the saved optimizer does not know)
         for group, lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
             group["lr"] = lr * factor(saved["state"]["step"])
+        if original is not None and "original" in saved:  # absent at a pre-fit's end written without it
+            original.load_state_dict(saved["original"])
+            original_optimizer.load_state_dict(saved["original_optimizer"])
         rng.setstate(saved["rng"])
         set_torch_rng_states(saved["torch_rng"])
         state.clear()
@@ -791,7 +827,9 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
         else:
             counts = sample_widths(manifold, config, rng)
             trained = [counts] + ([narrowest_widths(manifold, config)] if config.sandwich else [])
-            if config.original_distill:
+            if original is not None:
+                original_outputs = learn_original(original, original_optimizer, task, batch, world)
+            elif config.original_distill:
                 with torch.no_grad():
                     original_outputs = template(batch[0])
             task_loss, l2 = task_loss_terms(manifold, task, batch, trained, config, original_outputs, full_params,
