@@ -94,7 +94,8 @@ def candidate_flips() -> List[tuple]:
             ("fit", "recon_reduction", "relative" if fit.recon_reduction != "relative" else "mean"),
             ("fit", "joint_lr", 2e-4 if fit.joint_lr != 2e-4 else None),
             ("fit", "fresh_optimizer", not fit.fresh_optimizer),
-            ("fit", "train_original", not fit.train_original)]
+            ("fit", "train_original", not fit.train_original),
+            ("fit", "recon_weight", 0.3 if fit.recon_weight != 0.3 else 1.0)]
 
 
 # candidates of several options together, named for what they are
@@ -103,6 +104,10 @@ COMBINED = {
     # "Reconstruction after the pre-fit"), so the joint phase starts from the reference network itself
     "default, exact pre-fit": {"inr": {"encoding": "gaussian", "frequencies": 64},
                                "fit": {"recon_reduction": "relative", "prefit_noise": False, "prefit_decay": True}},
+    # the gaussian encoding's in-range gain with a lighter L_recon, which held the unseen widths
+    # better when it went from 10 to 1 (docs/recipe.md)
+    "default, gaussian encoding, recon_weight 0.3": {"inr": {"encoding": "gaussian"},
+                                                    "fit": {"recon_weight": 0.3}},
 }
 
 
