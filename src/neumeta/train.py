@@ -535,8 +535,8 @@ def changed_options(saved: Mapping, now: Mapping, prefix: str = "", skip: Sequen
 # options that only the joint phase reads: a checkpoint written when the pre-fit ended (before any
 # joint step) resumes under other values of these, so one pre-fit serves several joint recipes
 JOINT_ONLY = ("steps", "joint_lr", "warmup", "fresh_optimizer", "noise_ramp", "min_width", "max_width", "per_group",
-              "inplace_distill", "sandwich", "original_distill", "train_original", "l2_weight", "tensor_subset", "eval_widths",
-              "select_widths")
+              "inplace_distill", "sandwich", "original_distill", "train_original", "l2_weight", "tensor_subset",
+              "eval_widths", "select_widths")
 
 
 def check_resumable(saved: Mapping, config: FitConfig, checkpoint, step: Optional[int] = None) -> None:
