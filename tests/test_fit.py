@@ -69,7 +69,8 @@ def test_resume_continues_exactly_where_it_stopped(real, tmp_path, train_origina
     ckpt = tmp_path / "fit.ckpt"
     broken = fresh()
     with pytest.raises(Crash):  # dies after the checkpoint of step 21, during step 24
-        nm.fit(broken, CrashingTask(crash_at=20 * losses_per_step), loader, val, config, checkpoint=str(ckpt), progress=False)
+        nm.fit(broken, CrashingTask(crash_at=20 * losses_per_step), loader, val, config, checkpoint=str(ckpt),
+               progress=False)
     saved_step = load_checkpoint(ckpt)["state"]["step"]
     assert saved_step == 21
     resumed = fresh()

@@ -463,17 +463,22 @@ def task_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence
     return loss, l2
 
 
+def average_gradients(parameters, world: int) -> None:
+    """Under torch.distributed, every process's gradients become their mean over the processes."""
+    if world > 1:
+        for p in parameters:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= world
+
+
 def learn_original(original: torch.nn.Module, optimizer, task, batch, world: int) -> torch.Tensor:
     """One plain step of the teacher that goes on learning (``train_original``); returns its
     outputs on the batch from before the step, detached, for the distillation."""
     outputs = original(batch[0])
     optimizer.zero_grad(set_to_none=True)
     task.loss(outputs, batch).backward()
-    if world > 1:
-        for p in original.parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= world
+    average_gradients(original.parameters(), world)
     optimizer.step()
     return outputs.detach()
 
@@ -846,11 +851,7 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
             continue
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if world > 1:
-            for p in manifold.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
+        average_gradients(manifold.parameters(), world)
         if config.grad_clip:
             torch.nn.utils.clip_grad_norm_(clipped, config.grad_clip)
         optimizer.step()
