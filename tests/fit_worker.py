@@ -22,6 +22,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 import neumeta as nm
+from neumeta.cli import leave_process_group
 from neumeta.data import TensorLoader
 
 KILL_STEPS = 240  # joint steps of the run to be killed, after 20 pre-fit ones: several seconds
@@ -93,15 +94,19 @@ def run_ranks(out: Path, resume: bool) -> None:
     """Under torchrun: each rank's INR starts differently (fit shares rank 0's), data sharded;
     ``resume``: every rank continues rank 0's checkpoint."""
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    base, (x, y), (xv, yv) = base_and_data(96, 40)
-    manifold = manifold_of(base, inr_seed=10 + rank)
-    val = [(xv[a:b], yv[a:b]) for a, b in VAL_SHARDS[rank]]
-    result = nm.fit(manifold, LossScoredTask(), TensorLoader(x, y, BATCH, rank=rank, world_size=world),
-                    val, nm.FitConfig(**RANKS_CONFIG), checkpoint=str(out / "ranks.ckpt"), resume=resume,
-                    progress=False)
-    write(out, f"rank{rank}" + ("_resumed" if resume else ""), manifold, result)
-    dist.destroy_process_group()
+    finished = False
+    try:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        base, (x, y), (xv, yv) = base_and_data(96, 40)
+        manifold = manifold_of(base, inr_seed=10 + rank)
+        val = [(xv[a:b], yv[a:b]) for a, b in VAL_SHARDS[rank]]
+        result = nm.fit(manifold, LossScoredTask(), TensorLoader(x, y, BATCH, rank=rank, world_size=world),
+                        val, nm.FitConfig(**RANKS_CONFIG), checkpoint=str(out / "ranks.ckpt"), resume=resume,
+                        progress=False)
+        write(out, f"rank{rank}" + ("_resumed" if resume else ""), manifold, result)
+        finished = True
+    finally:
+        leave_process_group(finished)  # as `neumeta fit` leaves it
 
 
 def run_single(out: Path) -> None:

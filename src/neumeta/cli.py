@@ -175,6 +175,19 @@ def join_process_group(device: str) -> str:
     return device
 
 
+def leave_process_group(finished: bool) -> None:
+    """Destroy the process group, if any. ``finished``: every rank got here without an error, so
+    all first meet at a barrier: no rank tears its connections down while another still reads
+    from them (under load that aborted a gloo process at exit). After an error, no barrier: the
+    other ranks may never arrive."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 # --------------------------------------------------------------------------- commands
 def cmd_train_base(c: TrainBaseConfig) -> None:
     check_output_file(c.out, "--out")
@@ -192,6 +205,7 @@ def cmd_fit(c: FitCommandConfig) -> None:
     check_fit_files(c, checkpoint)
     base = load_model(c.base)
     device = join_process_group(c.device)
+    finished = False
     try:
         data = load_data(c.data, c.seed)
         check_model_fits_data(base, data, f"--base {c.base}")
@@ -202,17 +216,20 @@ def cmd_fit(c: FitCommandConfig) -> None:
             warnings.simplefilter("ignore", NeverLearnedWarning)
             result = fit(manifold, data.task, data.train, data.val, c.fit, checkpoint=checkpoint, resume=c.resume,
                          overwrite=c.overwrite)
-        if dist.is_initialized() and dist.get_rank() != 0:
-            return
-        result.manifold.save(c.out, extra={"best_step": result.best_step, "history": result.history,
-                                           "learned": result.learned})
-        print(f"best validation step {result.best_step} (mean {data.task.metric} {100 * result.best_score:.2f} %); "
-              f"wrote {c.out}")
-        for note in result.warnings:
-            print(f"warning: {note}", file=sys.stderr)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            write_fit_result(result, c.out, data.task.metric)
+        finished = True
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_process_group(finished)
+
+
+def write_fit_result(result, out: str, metric: str) -> None:
+    """Rank 0's part of ``fit``: the manifold file and the summary."""
+    result.manifold.save(out, extra={"best_step": result.best_step, "history": result.history,
+                                     "learned": result.learned})
+    print(f"best validation step {result.best_step} (mean {metric} {100 * result.best_score:.2f} %); wrote {out}")
+    for note in result.warnings:
+        print(f"warning: {note}", file=sys.stderr)
 
 
 def _calibration(manifold, c, data=None) -> dict:
