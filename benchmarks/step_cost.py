@@ -4,6 +4,7 @@
     PYTHONPATH=src python benchmarks/step_cost.py --device cuda    # a GPU
     PYTHONPATH=src python benchmarks/step_cost.py --steps 2 --models lenet   # a quick look
     PYTHONPATH=src python benchmarks/step_cost.py --models resnet20 --hidden 256 64 --options 1,off 0.25,on
+    PYTHONPATH=src python benchmarks/step_cost.py --precision float32 bfloat16    # the INR's matmuls in bf16
 
 For LeNet (Fashion-MNIST), ResNet-20 with every channel group morphed and ResNet-20 with the
 paper's groups (``groups="paper"``, the last block of layer3; Fashion-MNIST padded to 3x32x32),
@@ -56,7 +57,7 @@ except ImportError:  # let the script run without PYTHONPATH=src as well
 from benchmarks.recipe_benchmark import device_name, fit_step_seconds, plain_step_seconds
 from neumeta.coords import CoordConfig
 from neumeta.experiment import DataConfig, build_manifold, load_data
-from neumeta.inr import BlockMLP, INRConfig
+from neumeta.inr import PRECISIONS, BlockMLP, INRConfig
 from neumeta.models import create_model
 from neumeta.recipes import recipe
 
@@ -73,15 +74,15 @@ Written by `benchmarks/step_cost.py` (see its docstring for what each column mea
 the INR's matmul FLOPs of one step at the matmul rate measured beside it; "of the step": that
 over the fit step (1.0 = the step does nothing but the INR's arithmetic at full speed).
 """
-COLUMNS = ("| model | recipe | INR hidden | tensors (rows at full width) | tensor_subset | batched INR | plain step (ms) | fit step (ms) "
+COLUMNS = ("| model | recipe | INR hidden | INR precision | tensors (rows at full width) | tensor_subset | batched INR | plain step (ms) | fit step (ms) "
            "| fit ÷ plain | INR GFLOP / step | matmul GFLOP/s | INR at the bound (ms) | of the step | peak memory (MiB) |\n"
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 
 
-def matmul_gflops(device: str, n: int = 1024, reps: int = 5) -> float:
-    """The best fp32 dense matmul rate of ``reps`` square ``n`` products: the bound."""
+def matmul_gflops(device: str, n: int = 1024, reps: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """The best dense matmul rate of ``reps`` square ``n`` products in ``dtype``: the bound."""
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     a @ b
     sync()
     best = float("inf")
@@ -152,23 +153,24 @@ def peak_memory(device: str) -> Iterator[Dict[str, float]]:
     result["mib"] = (_rss_kib("VmHWM") - before) / 1024
 
 
-def fresh_manifold(label: str, data, device: str, coords=None, hidden: Optional[int] = None):
+def fresh_manifold(label: str, data, device: str, coords=None, hidden: Optional[int] = None,
+                   precision: str = "float32"):
     """A manifold of a freshly initialised ``label`` network (no permutation: it changes no cost);
-    ``hidden``: the INR's width (None: the library's default)."""
+    ``hidden``: the INR's width (None: the library's default); ``precision``: its matmuls'."""
     name, _, groups = MODELS[label]
     torch.manual_seed(0)
-    inr = INRConfig() if hidden is None else INRConfig(hidden=hidden)
+    inr = INRConfig(precision=precision) if hidden is None else INRConfig(hidden=hidden, precision=precision)
     return build_manifold(create_model(name).to(device), data.example.to(device), inr=inr,
                           coords=coords or CoordConfig(), groups=groups, smoothing=False,
                           log=lambda *_: None).to(device)
 
 
 def measure(label: str, data, device: str, subset: float, batched: bool, steps: int,
-            recipe_name: str = "default", hidden: Optional[int] = None) -> dict:
+            recipe_name: str = "default", hidden: Optional[int] = None, precision: str = "float32") -> dict:
     """One row: fit and plain steps back to back, the INR's FLOPs, the matmul rate, peak memory."""
     name = MODELS[label][0]
     config, coords = recipe(recipe_name, tensor_subset=subset)
-    manifold = fresh_manifold(label, data, device, coords, hidden)
+    manifold = fresh_manifold(label, data, device, coords, hidden, precision)
     manifold.batched = batched
     with warnings.catch_warnings():  # timing fits of a fresh INR: what they warn about is not measured here
         warnings.simplefilter("ignore")
@@ -178,10 +180,10 @@ def measure(label: str, data, device: str, subset: float, batched: bool, steps: 
         with counting_flops(manifold.inr) as flops, peak_memory(device) as memory:
             fit_s = fit_step_seconds(manifold, data, config, steps)
     plain_s = plain_step_seconds(name, data, 1e-3, 0, device, 2 * steps + 5)
-    rate = matmul_gflops(device)
+    rate = matmul_gflops(device, dtype=PRECISIONS[precision])
     gflop = (flops[0] - once[0]) / steps / 1e9
     rows = sum(c.shape[0] for c, _ in manifold._coordinates(manifold.space.full))
-    return {"model": label, "recipe": recipe_name, "hidden": manifold.inr_config.hidden, "tensors": len(manifold.specs), "rows": rows, "subset": subset, "batched": batched,
+    return {"model": label, "recipe": recipe_name, "hidden": manifold.inr_config.hidden, "precision": precision, "tensors": len(manifold.specs), "rows": rows, "subset": subset, "batched": batched,
             "plain_ms": 1e3 * plain_s, "fit_ms": 1e3 * fit_s, "gflop": gflop, "rate": rate,
             "bound_ms": 1e3 * gflop / rate, "memory_mib": memory["mib"]}
 
@@ -208,7 +210,7 @@ SAMPLING_COLUMNS = ("\n| model | K | one draw per INR call (ms) | draws stacked 
 
 
 def table_row(r: dict) -> str:
-    return (f"| {r['model']} | {r['recipe']} | {r['hidden']} | {r['tensors']} ({r['rows']:,}) | {r['subset']:g} | {'on' if r['batched'] else 'off'} "
+    return (f"| {r['model']} | {r['recipe']} | {r['hidden']} | {r['precision']} | {r['tensors']} ({r['rows']:,}) | {r['subset']:g} | {'on' if r['batched'] else 'off'} "
             f"| {r['plain_ms']:.1f} | {r['fit_ms']:.0f} | {r['fit_ms'] / r['plain_ms']:.1f} | {r['gflop']:.2f} "
             f"| {r['rate']:.0f} | {r['bound_ms']:.0f} | {r['bound_ms'] / r['fit_ms']:.2f} | {r['memory_mib']:.0f} |\n")
 
@@ -237,6 +239,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--hidden", nargs="+", type=int, default=[None],
                         help="INR widths timed (default: the library's); issue 22's every-layer ResNet-20 "
                              "is measured with a narrower INR too")
+    parser.add_argument("--precision", nargs="+", default=["float32"], choices=list(PRECISIONS),
+                        help="INRConfig.precision values timed: the dtype of the INR's matmuls (the bound's "
+                             "rate is measured in the same dtype)")
     parser.add_argument("--options", nargs="+", default=None, metavar="SUBSET,BATCHED",
                         help="(tensor_subset, batched) pairs to time, e.g. 1,off 0.25,on (default: all four)")
     parser.add_argument("--no-fit", action="store_true", help="only the sampling table")
@@ -250,11 +255,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         if dataset not in datasets:
             datasets[dataset] = load_data(DataConfig(dataset=dataset), 0)
         options = OPTIONS if args.options is None else [parse_option(o) for o in args.options]
-        for recipe_name, hidden, (subset, batched) in ([] if args.no_fit else
-                                                       [(r, h, o) for r in args.recipes for h in args.hidden
-                                                        for o in options]):
+        for recipe_name, hidden, precision, (subset, batched) in ([] if args.no_fit else
+                                                       [(r, h, p, o) for r in args.recipes for h in args.hidden
+                                                        for p in args.precision for o in options]):
             row = table_row(measure(label, datasets[dataset], args.device, subset, batched, args.steps,
-                                    recipe_name, hidden))
+                                    recipe_name, hidden, precision))
             print(row, end="", flush=True)
             section += row
     sampling = ""

@@ -98,6 +98,8 @@ HELP = {
     "encoding_scale": "gaussian encoding: standard deviation of its frequencies, in cycles per channel",
     "channel_features": "learned features per input and output channel of every tensor, interpolated at the "
                         "coordinate and appended to the encoding (0: none)",
+    "precision": "dtype of the INR's matmuls, float32 or bfloat16 (2-3x faster where the CPU or GPU has bfloat16 "
+                 "units; weights and optimizer stay float32, generated values rounded to 8 bits)",
     "residual": "none (the INR outputs the weights), or the INR learns a correction on top of the reference "
                 "weights resampled to the width, exact at full width: cells (each channel the mean of its "
                 "cell's full channels), linear (interpolated at its centre) or area (weighted by cell overlap)",

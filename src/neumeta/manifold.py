@@ -16,7 +16,7 @@ import torch.nn as nn
 from .calibrate import Reference, calibrate, measure_reference
 from .coords import CoordConfig, tensor_channel_scale, tensor_coordinates
 from .groups import MorphLayer, Width, WidthSpace
-from .inr import BlockMLP, ChannelFeatures, FourierFeatures, GaussianFeatures, INRConfig
+from .inr import BlockMLP, ChannelFeatures, FourierFeatures, GaussianFeatures, INRConfig, PRECISIONS
 from .resample import apply_resampling, resampling, resampled_rows
 
 
@@ -275,17 +275,26 @@ class WeightManifold(nn.Module):
         batched = self.batched if self.batched is not None else self.device.type == "cuda"
         blocks = [s.block for s in self.specs]
         if grad_tensors is None:
-            return self.inr(feats, blocks, batched=batched)
+            return self._run_inr(feats, blocks, batched)
         outputs: List[Optional[torch.Tensor]] = [None] * len(feats)
         for tracked in (False, True):
             chosen = [i for i in range(len(feats)) if (i in grad_tensors) == tracked]
             if not chosen:
                 continue
             with torch.set_grad_enabled(tracked and torch.is_grad_enabled()):
-                for i, out in zip(chosen, self.inr([feats[i] for i in chosen], [blocks[i] for i in chosen],
-                                                   batched=batched)):
+                for i, out in zip(chosen, self._run_inr([feats[i] for i in chosen], [blocks[i] for i in chosen],
+                                                        batched)):
                     outputs[i] = out
         return outputs
+
+    def _run_inr(self, feats: Sequence[torch.Tensor], blocks: Sequence[int], batched: bool) -> List[torch.Tensor]:
+        """The blocks' MLPs, their matmuls in ``INRConfig.precision``; the values come back float32."""
+        dtype = PRECISIONS[self.inr_config.precision]
+        if dtype == torch.float32:
+            return self.inr(feats, blocks, batched=batched)
+        with torch.autocast(self.device.type, dtype=dtype):
+            outputs = self.inr(feats, blocks, batched=batched)
+        return [out.float() for out in outputs]
 
     # ----------------------------------------------------------------- the detail table
     def detail_gate(self, spec: TensorSpec, counts: Mapping[str, int]) -> float:
