@@ -49,6 +49,8 @@ HELP = {
     "steps": "joint training steps of the manifold, after the pre-fit",
     "prefit_steps": "reconstruction-only steps before joint training",
     "fit_lr": "Adam learning rate of the INR",
+    "width_ramp": "fraction of the joint steps over which the trained range opens, its lower end falling from "
+                  "--max-width to --min-width (0: the whole range at once); a curriculum for deep networks",
     "noise_ramp": "fraction of the joint steps over which the coordinate noise grows from none to --noise "
                   "(0: all at once); for an INR pre-fitted without noise (--no-prefit-noise)",
     "joint_lr": "peak learning rate of the joint phase (default: fit_lr, which the pre-fit always uses)",

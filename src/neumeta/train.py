@@ -109,6 +109,10 @@ class FitConfig:
                                  # linearly from none to CoordConfig.noise (0: all of it at once);
                                  # for an INR pre-fitted without noise, which holds only the channel
                                  # centres: full noise at once sent ResNet-20 (every layer) to chance
+    width_ramp: float = 0.0      # fraction of joint steps over which the trained range opens: its
+                                 # lower end falls linearly from max_width to min_width (0: the whole
+                                 # range at once); a curriculum for deep networks whose narrower
+                                 # widths start at chance and whose losses then wreck the full width
     min_width: float = 0.5       # narrowest trained width (compression gamma = 0.5)
     max_width: float = 1.0
     per_group: bool = True       # each group draws its own width (else one shared multiplier)
@@ -171,6 +175,8 @@ class FitConfig:
             raise ValueError(f"guard_lr_factor must be in (0, 1), not {self.guard_lr_factor}")
         if not 0 <= self.noise_ramp <= 1:
             raise ValueError(f"noise_ramp must be in [0, 1] (a fraction of the joint steps), not {self.noise_ramp}")
+        if not 0 <= self.width_ramp <= 1:
+            raise ValueError(f"width_ramp must be in [0, 1] (a fraction of the joint steps), not {self.width_ramp}")
         if not 0 < self.tensor_subset <= 1:
             raise ValueError(f"tensor_subset must be in (0, 1] (a fraction of the tensors), not {self.tensor_subset}")
         self.eval_widths = tuple(float(w) for w in self.eval_widths)
@@ -307,18 +313,33 @@ def inplace_distillation(task, student_outputs: torch.Tensor, teacher_outputs: t
     return task.distill(student_outputs, teacher_outputs.detach())
 
 
-def narrowest_widths(manifold: WeightManifold, config: FitConfig) -> Dict[str, int]:
-    """The sandwich rule's lower slice: every group at the narrowest width of the range."""
-    return {name: max(1, math.ceil(size * config.min_width - 1e-9)) for name, size in manifold.space.full.items()}
+def narrowest_widths(manifold: WeightManifold, config: FitConfig, min_width: Optional[float] = None) -> Dict[str, int]:
+    """The sandwich rule's lower slice: every group at the narrowest width of the range (whose
+    lower end is ``min_width`` if given, as ``trained_min_width`` opens it, else the config's)."""
+    low = config.min_width if min_width is None else min_width
+    return {name: max(1, math.ceil(size * low - 1e-9)) for name, size in manifold.space.full.items()}
 
 
-def sample_widths(manifold: WeightManifold, config: FitConfig, rng: random.Random) -> Dict[str, int]:
-    """One training configuration: channel counts drawn uniformly in [min_width, max_width], per
-    group or (``per_group=False``) one multiplier for all."""
-    shared = rng.uniform(config.min_width, config.max_width)
+def trained_min_width(step: int, config: FitConfig) -> float:
+    """The trained range's lower end at ``step``: ``min_width``, or, over the first ``width_ramp``
+    of the joint steps, a value falling linearly from ``max_width`` to it."""
+    ramp = config.width_ramp * config.steps
+    if ramp <= 0 or step < config.prefit_steps:
+        return config.min_width
+    opened = min(1.0, (step - config.prefit_steps + 1) / ramp)
+    return config.max_width - opened * (config.max_width - config.min_width)
+
+
+def sample_widths(manifold: WeightManifold, config: FitConfig, rng: random.Random,
+                  min_width: Optional[float] = None) -> Dict[str, int]:
+    """One training configuration: channel counts drawn uniformly in [min_width, max_width]
+    (``min_width`` if given, else the config's), per group or (``per_group=False``) one
+    multiplier for all."""
+    low = config.min_width if min_width is None else min_width
+    shared = rng.uniform(low, config.max_width)
     counts = {}
     for name, size in manifold.space.full.items():
-        lo = max(1, math.ceil(size * config.min_width - 1e-9))
+        lo = max(1, math.ceil(size * low - 1e-9))
         hi = max(lo, int(round(size * config.max_width)))
         counts[name] = rng.randint(lo, hi) if config.per_group else min(hi, max(lo, round(size * shared)))
     return counts
@@ -539,9 +560,9 @@ def changed_options(saved: Mapping, now: Mapping, prefix: str = "", skip: Sequen
 
 # options that only the joint phase reads: a checkpoint written when the pre-fit ended (before any
 # joint step) resumes under other values of these, so one pre-fit serves several joint recipes
-JOINT_ONLY = ("steps", "joint_lr", "warmup", "fresh_optimizer", "noise_ramp", "min_width", "max_width", "per_group",
-              "inplace_distill", "sandwich", "original_distill", "train_original", "l2_weight", "tensor_subset",
-              "eval_widths", "select_widths")
+JOINT_ONLY = ("steps", "joint_lr", "warmup", "fresh_optimizer", "noise_ramp", "width_ramp", "min_width", "max_width",
+              "per_group", "inplace_distill", "sandwich", "original_distill", "train_original", "l2_weight",
+              "tensor_subset", "eval_widths", "select_widths")
 
 
 def check_resumable(saved: Mapping, config: FitConfig, checkpoint, step: Optional[int] = None) -> None:
@@ -771,10 +792,11 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
             if rank == 0 and progress:
                 tqdm.write("step %d: " % step + ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "step"))
             if config.guard and chance is not None:
-                # only the trained range: a width outside it (e.g. an unseen one watched for checkpoint
-                # selection) may sit near chance without anything having gone wrong
+                # only the trained range (as far as width_ramp has opened it): a width outside it
+                # (e.g. an unseen one watched for checkpoint selection) may sit near chance without
+                # anything having gone wrong
                 for w, v in values.items():
-                    if not config.min_width <= w <= config.max_width:
+                    if not trained_min_width(step - 1, config) <= w <= config.max_width:
                         continue
                     before = state["last_scores"].get(w)
                     if (not math.isfinite(v) or (before is not None and is_collapsed(v, chance, config.collapse_margin)
@@ -830,8 +852,9 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
         if prefit:
             loss, task_loss = config.recon_weight * recon, torch.zeros(())
         else:
-            counts = sample_widths(manifold, config, rng)
-            trained = [counts] + ([narrowest_widths(manifold, config)] if config.sandwich else [])
+            low = trained_min_width(step, config)
+            counts = sample_widths(manifold, config, rng, low)
+            trained = [counts] + ([narrowest_widths(manifold, config, low)] if config.sandwich else [])
             if original is not None:
                 original_outputs = learn_original(original, original_optimizer, task, batch, world)
             elif config.original_distill:
