@@ -179,7 +179,8 @@ def leave_process_group(finished: bool) -> None:
     """Destroy the process group, if any. ``finished``: every rank got here without an error, so
     all first meet at a barrier: no rank tears its connections down while another still reads
     from them (under load that aborted a gloo process at exit). After an error, no barrier: the
-    other ranks may never arrive."""
+    other ranks may never arrive (a rank that finished waits at its barrier for a failed one
+    until torchrun, seeing the failure, stops every rank)."""
     import torch.distributed as dist
     if not dist.is_initialized():
         return
