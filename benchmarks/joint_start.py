@@ -8,7 +8,10 @@ survives its first hundred steps is what is being tuned (docs/benchmarks.md, "Re
 after the pre-fit"). This loads the INR (its EMA) from a ``fit`` checkpoint written at the end of
 the pre-fit, fits ``--steps`` joint steps with the config's fit options overridden by ``--set``,
 validating every ``--eval-every`` steps, and prints the validation history and any rollback of
-the divergence guard.
+the divergence guard. ``--start-only`` fits nothing: it scores the checkpoint's own widths
+with plain and with calibrated sampling (``sample``'s statistics calibration), which tells whether
+the narrower networks the joint phase starts from are wrong in their weights or only in the
+scale of their activations.
 """
 from __future__ import annotations
 
@@ -38,6 +41,10 @@ def main(argv=None) -> list:
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--eval-size", type=int, default=2000, help="validation images")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--start-only", action="store_true",
+                        help="no joint steps: validation at --widths, plain and calibrated sampling")
+    parser.add_argument("--widths", nargs="+", type=float, default=[1.0, 0.75, 0.5, 0.25])
+    parser.add_argument("--samples", type=int, default=10, help="K noisy draws per weight (--start-only)")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="FitConfig overrides (lr=0.0002), CoordConfig ones prefixed (coords.noise=0)")
     args = parser.parse_args(argv)
@@ -56,6 +63,8 @@ def main(argv=None) -> list:
                               groups=config.groups, seed=args.seed,
                               log=lambda *_: None).to(config.device)
     manifold.load_state_dict(saved["ema"])
+    if args.start_only:
+        return start_scores(manifold, data, args)
     fit = dataclasses.replace(config.fit, prefit_steps=0, steps=args.steps, eval_every=args.eval_every,
                               seed=args.seed, **overrides)
     with warnings.catch_warnings():
@@ -68,6 +77,24 @@ def main(argv=None) -> list:
     for event in result.rollbacks:
         print(f"  rollback at step {event['step']}: {event['why']}")
     return result.history
+
+
+def start_scores(manifold, data, args) -> dict:
+    """Validation accuracy of the INR's network at each width, plain and calibrated sampling."""
+    from neumeta.calibrate import calibration_inputs
+    manifold.eval()
+    reference = manifold.calibration_reference(calibration_inputs(data.train, 20), args.samples, args.seed)
+    scores = {}
+    for width in args.widths:
+        row = {}
+        for how, calibration in (("plain", None), ("calibrated", reference)):
+            network = manifold.sample(width, samples=args.samples, seed=args.seed, calibration=calibration,
+                                      full_width="inr")
+            row[how] = data.task.evaluate(network, data.val)[data.task.metric]
+        scores[width] = row
+        print(f"  width {width:g}: plain {100 * row['plain']:.2f} %, calibrated {100 * row['calibrated']:.2f} %",
+              flush=True)
+    return scores
 
 
 if __name__ == "__main__":

@@ -27,3 +27,10 @@ def test_joint_steps_from_a_checkpoint_with_overrides(tmp_path):
     assert all(0 <= row["val_accuracy@0.5"] <= 1 for row in history)
     with pytest.raises(SystemExit):
         joint_start.main([str(checkpoint), "--config", str(config), "--set", "learning_rate=1"])
+    # --start-only trains nothing: the checkpoint's widths, plain and calibrated; at full width
+    # calibration changes nothing (it matches narrower widths to the full width's statistics)
+    scores = joint_start.main([str(checkpoint), "--config", str(config), "--start-only", "--widths", "1", "0.5",
+                               "--samples", "2", "--eval-size", "100"])
+    assert set(scores) == {1.0, 0.5}
+    assert scores[1.0]["plain"] == scores[1.0]["calibrated"]
+    assert all(0 <= v <= 1 for row in scores.values() for v in row.values())
