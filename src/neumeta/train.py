@@ -323,10 +323,7 @@ def narrowest_widths(manifold: WeightManifold, config: FitConfig, min_width: Opt
 def trained_min_width(step: int, config: FitConfig) -> float:
     """The trained range's lower end at ``step``: ``min_width``, or, over the first ``width_ramp``
     of the joint steps, a value falling linearly from ``max_width`` to it."""
-    ramp = config.width_ramp * config.steps
-    if ramp <= 0 or step < config.prefit_steps:
-        return config.min_width
-    opened = min(1.0, (step - config.prefit_steps + 1) / ramp)
+    opened = ramp_progress(step, config.width_ramp, config)
     return config.max_width - opened * (config.max_width - config.min_width)
 
 
@@ -337,9 +334,10 @@ def sample_widths(manifold: WeightManifold, config: FitConfig, rng: random.Rando
     multiplier for all."""
     low = config.min_width if min_width is None else min_width
     shared = rng.uniform(low, config.max_width)
+    narrowest = narrowest_widths(manifold, config, low)
     counts = {}
     for name, size in manifold.space.full.items():
-        lo = max(1, math.ceil(size * low - 1e-9))
+        lo = narrowest[name]
         hi = max(lo, int(round(size * config.max_width)))
         counts[name] = rng.randint(lo, hi) if config.per_group else min(hi, max(lo, round(size * shared)))
     return counts
@@ -422,13 +420,19 @@ def endless_batches(loader, start_step: int = 0) -> Iterator:
         epoch, skip = epoch + 1, 0
 
 
-def noise_fraction(step: int, config: FitConfig) -> float:
-    """How much of the coordinate noise a step uses: all of it in the pre-fit (``prefit_noise``
-    decides there) and after ``noise_ramp`` of the joint steps, growing linearly in between."""
-    ramp = config.noise_ramp * config.steps
+def ramp_progress(step: int, fraction: float, config: FitConfig) -> float:
+    """How far ``step`` is through a ramp over the first ``fraction`` of the joint steps, in (0, 1]:
+    1 in the pre-fit, after the ramp, and always when ``fraction`` is 0 (no ramp)."""
+    ramp = fraction * config.steps
     if step < config.prefit_steps or ramp <= 0:
         return 1.0
     return min(1.0, (step - config.prefit_steps + 1) / ramp)
+
+
+def noise_fraction(step: int, config: FitConfig) -> float:
+    """How much of the coordinate noise a step uses: all of it in the pre-fit (``prefit_noise``
+    decides there) and after ``noise_ramp`` of the joint steps, growing linearly in between."""
+    return ramp_progress(step, config.noise_ramp, config)
 
 
 def _schedule(config: FitConfig):
