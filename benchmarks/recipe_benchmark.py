@@ -99,7 +99,8 @@ def candidate_flips() -> List[tuple]:
             ("fit", "fresh_optimizer", not fit.fresh_optimizer),
             ("fit", "train_original", not fit.train_original),
             ("fit", "recon_weight", 0.3 if fit.recon_weight != 0.3 else 1.0),
-            ("inr", "precision", "bfloat16" if inr.precision != "bfloat16" else "float32")]
+            ("inr", "precision", "bfloat16" if inr.precision != "bfloat16" else "float32"),
+            ("fit", "train_calibrated", not fit.train_calibrated)]
 
 
 # candidates of several options together, named for what they are

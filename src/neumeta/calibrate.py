@@ -18,8 +18,9 @@ points at the unseen 25 % width, within ±0.4 at the trained widths.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -170,3 +171,68 @@ def calibrate(net: nn.Module, reference: Union[nn.Module, Reference], space: Wid
         deviation = scale.clamp_min(eps).log().abs().max().exp().item()
         report.max_scale = max(report.max_scale, deviation)
     return report
+
+
+# --- the same correction during training -------------------------------------------------------
+# ``fit(config=FitConfig(train_calibrated=True))`` trains every narrower width as calibrated
+# sampling will give it: inside ``normalized_to`` each calibratable layer's output is normalised
+# per batch and given the full width's statistics of its cell (measured on the same batch by
+# ``recorded_statistics`` around the full-width forward), as BatchNorm in train mode would with
+# the full width's statistics for affine parameters. Gradients flow through the batch's own
+# statistics (as in BatchNorm), not through the full width's (a teacher, detached).
+
+TRAIN_EPS = 1e-5  # added to the batch variance, as BatchNorm does
+
+
+def batch_statistics(output: torch.Tensor) -> tuple:
+    """Per channel (dimension 1) mean and standard deviation over every other dimension."""
+    dims = [0] + list(range(2, output.dim()))
+    mean = output.mean(dims)
+    return mean, (output - _per_channel(mean, output)).pow(2).mean(dims).add(TRAIN_EPS).sqrt()
+
+
+def _per_channel(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.view((1, -1) + (1,) * (like.dim() - 2))
+
+
+@contextmanager
+def recorded_statistics(net: nn.Module, space: WidthSpace) -> Iterator[Dict[str, tuple]]:
+    """Within the block, every forward of ``net`` (the full width) records each calibratable
+    layer's per-channel (mean, std) of that batch, detached, into the yielded dict."""
+    stats: Dict[str, tuple] = {}
+    hooks = []
+    for layer in calibratable(space):
+        def record(_module, _args, output, name=layer.name):
+            stats[name] = tuple(s.detach() for s in batch_statistics(output))
+        hooks.append(net.get_submodule(layer.name).register_forward_hook(record))
+    try:
+        yield stats
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@contextmanager
+def normalized_to(net: nn.Module, space: WidthSpace, counts: Mapping[str, int], targets: Mapping[str, tuple],
+                  positions: str = "center") -> Iterator[None]:
+    """Within the block, every forward of ``net`` (sampled at ``counts``) replaces each calibratable
+    layer's output z by ``(z - mean) / std * std_target + mean_target``: its batch statistics
+    replaced by ``targets``' (full-width statistics per layer, as ``recorded_statistics`` gives them)
+    pooled into the cells of its channels, as ``calibrate`` does after the fact."""
+    hooks = []
+    for layer in calibratable(space):
+        group = layer.out[0].group
+        count = counts[group] if group is not None else layer.out[0].channels
+        mean_target, std_target = (cell_targets(t, count, positions) for t in targets[layer.name])
+
+        def normalize(_module, _args, output, mean_target=mean_target, std_target=std_target):
+            mean, std = batch_statistics(output)
+            scale = std_target / std
+            return (output - _per_channel(mean, output)) * _per_channel(scale, output) \
+                + _per_channel(mean_target, output)
+        hooks.append(net.get_submodule(layer.name).register_forward_hook(normalize))
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()

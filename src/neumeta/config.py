@@ -85,6 +85,9 @@ HELP = {
     "eval_widths": "width multipliers validated during fit; their mean accuracy selects the checkpoint",
     "select_widths": "widths whose mean validation accuracy selects the checkpoint instead (also validated)",
     "eval_samples": "noisy coordinate draws averaged per validation (1 = noise-free centres)",
+    "train_calibrated": "train every narrower width normalised per batch to the full width's activation statistics "
+                        "of its cells, the network calibrated sampling gives (for deep networks without BatchNorm)",
+    "calibration_batches": "training batches that calibrate each validated width (with --train-calibrated)",
     "tensor_subset": "fraction of the generated tensors whose INR blocks get gradients each joint step (the "
                      "paper's random subset of layers; the rest are generated without autograd): a cheaper backward",
     "recon_warn": "warn after the pre-fit about tensors whose relative full-width reconstruction error exceeds this",

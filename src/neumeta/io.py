@@ -134,6 +134,7 @@ def save_manifold(manifold: WeightManifold, path, extra: Optional[dict] = None) 
         "coords": dataclasses.asdict(manifold.coord_config),
         "noise_counts": manifold.noise_counts,
         "full_width_choice": manifold.full_width_choice,
+        "trained_calibrated": manifold.trained_calibrated,
         "extra": extra or {},
     }
     tensors = {f"inr.{k}": v for k, v in manifold.state_dict().items()}
@@ -162,6 +163,7 @@ def load_manifold(path, model: Optional[nn.Module] = None, map_location: str = "
     manifold = WeightManifold(space, INRConfig(**config["inr"]), CoordConfig(**config["coords"]))
     manifold.noise_counts = config.get("noise_counts")
     manifold.full_width_choice = config.get("full_width_choice")
+    manifold.trained_calibrated = bool(config.get("trained_calibrated", False))
     inr_state = {k[len("inr."):]: v for k, v in tensors.items() if k.startswith("inr.")}
     try:
         manifold.load_state_dict(inr_state)

@@ -128,6 +128,7 @@ class WeightManifold(nn.Module):
         self._noise_counts: Optional[Dict[str, int]] = None
         self.noise_fraction = 1.0  # of the coordinate noise in row_values; fit ramps it (FitConfig.noise_ramp)
         self.full_width_choice: Optional[str] = None  # fit's choice for INRConfig(full_width="best")
+        self.trained_calibrated = False  # fit trained the narrower widths calibrated (FitConfig.train_calibrated)
         self.detail: Optional[nn.ParameterList] = None
         if inr.detail:  # full width is the reference exactly from the start (and again after the pre-fit)
             self.detail = nn.ParameterList([nn.Parameter(torch.zeros_like(r)) for r in self.original_rows()])
@@ -423,16 +424,24 @@ class WeightManifold(nn.Module):
         """
         counts = self.space.resolve(width)
         source = full_width or self.full_width_source
-        if calibration is not None and not (source == "reference" and dict(counts) == dict(self.space.full)):
-            if not isinstance(calibration, Reference):
-                calibration = self.calibration_reference(calibration, samples, seed, calibration_batches)
-            module = self.sample(counts, samples, seed, full_width=source)
-            module.neumeta_calibration = calibrate(module, calibration, self.space, counts,
-                                                   positions=self.coord_config.positions)
-            return module
         if self.space.is_extrapolation(counts):
             warnings.warn(f"width {width} is wider than the trained network: extrapolating outside the "
                           f"trained range", stacklevel=2)
+        if calibration is not None and not (source == "reference" and dict(counts) == dict(self.space.full)):
+            if not isinstance(calibration, Reference):
+                calibration = self.calibration_reference(calibration, samples, seed, calibration_batches)
+            module = self._build(counts, samples, seed, source)
+            module.neumeta_calibration = calibrate(module, calibration, self.space, counts,
+                                                   positions=self.coord_config.positions)
+            return module
+        if self.trained_calibrated and dict(counts) != dict(self.space.full):
+            warnings.warn(f"width {width}: this manifold's narrower widths were trained calibrated "
+                          "(FitConfig.train_calibrated); sampled without calibration they are not the networks it "
+                          "learned: pass calibration= (a few training batches)", UncalibratedWarning, stacklevel=2)
+        return self._build(counts, samples, seed, source)
+
+    def _build(self, counts: Mapping[str, int], samples: int, seed: int, source: str) -> nn.Module:
+        """The module at ``counts`` with the expected weights, uncalibrated."""
         params = self.expected_parameters(counts, samples=samples, seed=seed, full_width=source)
         module = self.space.build(counts)
         for name, value in params.items():
@@ -447,6 +456,10 @@ class WeightManifold(nn.Module):
         """Write the manifold (INR + reference network + metadata) to one safetensors file."""
         from .io import save_manifold
         return save_manifold(self, path, extra)
+
+
+class UncalibratedWarning(UserWarning):
+    """A manifold trained calibrated (``FitConfig.train_calibrated``) sampled without calibration."""
 
 
 def _per_width(cache: Dict[tuple, list], counts: Mapping[str, int], build) -> list:

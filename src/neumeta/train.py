@@ -74,6 +74,7 @@ import math
 import random
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AbstractSet, Dict, Iterator, List, Mapping, Optional, Sequence, Set
@@ -83,6 +84,7 @@ import torch.distributed as dist
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from .calibrate import calibration_inputs, normalized_to, recorded_statistics
 from .checkpoint import load_checkpoint, save_checkpoint
 from .manifold import WeightManifold
 from .progress import progress_bar
@@ -152,6 +154,13 @@ class FitConfig:
     select_widths: Optional[Sequence[float]] = None  # widths whose mean validation score picks the
                                                      # checkpoint (None: eval_widths); validated too
     eval_samples: int = 1        # noisy draws averaged when evaluating (1 = noise-free centre)
+    train_calibrated: bool = False  # every narrower trained network runs with its layers' outputs
+                                 # normalised per batch to the full width's statistics of their cells
+                                 # (the in-place teacher's, same batch): the network calibrated sampling
+                                 # gives (neumeta.calibrate), trained as such; validation calibrates too.
+                                 # For deep networks without normalisation layers (folded BatchNorm),
+                                 # whose narrower widths otherwise start at chance
+    calibration_batches: int = 4  # training batches that calibrate each validated width (train_calibrated)
     tensor_subset: float = 1.0   # fraction of the generated tensors whose INR blocks get gradients each
                                  # joint step (the rest generated without autograd); 1.0 = all
     recon_warn: float = 0.75     # warn after the pre-fit about tensors whose relative full-width
@@ -177,6 +186,11 @@ class FitConfig:
             raise ValueError(f"noise_ramp must be in [0, 1] (a fraction of the joint steps), not {self.noise_ramp}")
         if not 0 <= self.width_ramp <= 1:
             raise ValueError(f"width_ramp must be in [0, 1] (a fraction of the joint steps), not {self.width_ramp}")
+        if self.train_calibrated and not self.inplace_distill:
+            raise ValueError("train_calibrated needs inplace_distill: the full width's forward on each batch gives "
+                             "the statistics the narrower widths are normalised to")
+        if self.calibration_batches < 1:
+            raise ValueError(f"calibration_batches must be >= 1, not {self.calibration_batches}")
         if not 0 < self.tensor_subset <= 1:
             raise ValueError(f"tensor_subset must be in (0, 1] (a fraction of the tensors), not {self.tensor_subset}")
         self.eval_widths = tuple(float(w) for w in self.eval_widths)
@@ -344,14 +358,22 @@ def sample_widths(manifold: WeightManifold, config: FitConfig, rng: random.Rando
 
 
 def evaluate_widths(manifold: WeightManifold, task, batches, widths: Sequence, samples: int = 1,
-                    device=None, full_width: Optional[str] = None, seed: int = 0) -> Dict[float, Dict[str, float]]:
+                    device=None, full_width: Optional[str] = None, seed: int = 0,
+                    calibration: Optional[Sequence[torch.Tensor]] = None) -> Dict[float, Dict[str, float]]:
     """Task metrics of the generated network at each width (no module is built), its weights
     averaged over ``samples`` draws from ``seed``; at full width ``full_width`` ("reference" or
-    "inr"; default: the manifold's choice, as ``sample`` gives it)."""
+    "inr"; default: the manifold's choice, as ``sample`` gives it). With ``calibration`` (input
+    batches) each width is sampled calibrated on them instead, as ``sample(calibration=...)``."""
     device = device or manifold.device
     template = manifold.space.model
+    reference = None if calibration is None else manifold.calibration_reference(calibration, samples, seed,
+                                                                                len(calibration))
     results = {}
     for width in widths:
+        if reference is not None:
+            net = manifold.sample(width, samples=samples, seed=seed, calibration=reference, full_width=full_width)
+            results[width] = task.evaluate(net, batches, device)
+            continue
         params = manifold.expected_parameters(width, samples=samples, seed=seed, full_width=full_width)
         results[width] = task.evaluate(lambda x: functional_call(template, params, (x,)), batches, device)
     return results
@@ -371,10 +393,12 @@ class _CountingBatches:
 
 
 def validation_scores(manifold: WeightManifold, task, batches, widths: Sequence, samples: int = 1,
-                      device=None, full_width: str = "inr") -> Dict[float, float]:
+                      device=None, full_width: str = "inr",
+                      calibration: Optional[Sequence[torch.Tensor]] = None) -> Dict[float, float]:
     """``task.metric`` at each width, over the validation data of every process. By default the
     fit's view, the INR as trained also at full width (the reference there would score the same
-    at every validation and tell the checkpoint choice nothing).
+    at every validation and tell the checkpoint choice nothing). ``calibration``: input batches
+    that calibrate each width (``evaluate_widths``).
 
     Under torch.distributed each rank evaluates its own shard (of any size, the CLI's loaders
     split unevenly) and the per-example mean is taken over all of them: sum(metric * examples)
@@ -385,14 +409,15 @@ def validation_scores(manifold: WeightManifold, task, batches, widths: Sequence,
     _, world = rank_and_world()
     if world == 1:
         return {w: m[task.metric] for w, m in evaluate_widths(manifold, task, batches, widths, samples, device,
-                                                              full_width=full_width).items()}
+                                                              full_width=full_width,
+                                                              calibration=calibration).items()}
     device = device or manifold.device
     sums, counts = [], []
     for width in widths:
         counted = _CountingBatches(batches)
         try:
             value = evaluate_widths(manifold, task, counted, [width], samples, device,
-                                    full_width=full_width)[width][task.metric]
+                                    full_width=full_width, calibration=calibration)[width][task.metric]
         except ValueError:
             if counted.examples:
                 raise
@@ -461,17 +486,22 @@ def task_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence
     A manifold with a detail table (``INRConfig.detail``) trains each width twice from one
     generation: with the table, and the INR alone, which is what the widths below the trained
     range get (the table fades out there), taught by the same teachers.
+
+    With ``train_calibrated`` the full width's per-channel statistics of this batch are recorded
+    and every other trained network runs normalised to them (``neumeta.calibrate.normalized_to``).
     """
     template = manifold.space.model
     x = batch[0]
     loss, l2 = 0.0, 0.0
-    teacher = None
+    teacher, full_stats = None, None
     if config.inplace_distill:
         full = full_params
         if full is None:
             full = manifold.params_from_rows(manifold.row_values(manifold.space.full, noise=True,
                                                                  grad_tensors=grad_tensors), manifold.space.full)
-        teacher = functional_call(template, full, (x,))
+        with recorded_statistics(template, manifold.space) if config.train_calibrated else nullcontext({}) \
+                as full_stats:
+            teacher = functional_call(template, full, (x,))
         loss = task.loss(teacher, batch)
     for counts in counts_list:
         values = manifold.row_values(counts, noise=True, detail=False, grad_tensors=grad_tensors)
@@ -479,7 +509,9 @@ def task_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence
         if manifold.detail is not None:
             networks.append(manifold.params_from_rows(values, counts))
         for params in networks:
-            outputs = functional_call(template, params, (x,))
+            with normalized_to(template, manifold.space, counts, full_stats, manifold.coord_config.positions) \
+                    if config.train_calibrated else nullcontext():
+                outputs = functional_call(template, params, (x,))
             loss = loss + (inplace_distillation(task, outputs, teacher) if teacher is not None
                            else task.loss(outputs, batch))
             if original_outputs is not None and config.original_distill:
@@ -565,6 +597,7 @@ def changed_options(saved: Mapping, now: Mapping, prefix: str = "", skip: Sequen
 # options that only the joint phase reads: a checkpoint written when the pre-fit ended (before any
 # joint step) resumes under other values of these, so one pre-fit serves several joint recipes
 JOINT_ONLY = ("steps", "joint_lr", "warmup", "fresh_optimizer", "noise_ramp", "width_ramp", "min_width", "max_width",
+              "train_calibrated", "calibration_batches",
               "per_group", "inplace_distill", "sandwich", "original_distill", "train_original", "l2_weight",
               "tensor_subset", "eval_widths", "select_widths")
 
@@ -697,6 +730,8 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
     # number of processes.
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed * 1000)
+    # the inputs that calibrate each validated width, the same at every validation
+    calibration = calibration_inputs(train_loader, config.calibration_batches) if config.train_calibrated else None
     fingerprint = base_fingerprint(manifold)
     if world > 1:
         share_rank0_weights(manifold, fingerprint["base_sha256"])
@@ -704,6 +739,7 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
     targets = [t.to(device) for t in manifold.original_rows()]
     full = manifold.space.full
     manifold.noise_counts = narrowest_widths(manifold, config)  # sampling never jitters wider than training
+    manifold.trained_calibrated = config.train_calibrated  # saved with it: sample() warns when not calibrated
     ema = copy.deepcopy(manifold, memo={id(manifold.space): manifold.space})
     for p in ema.parameters():
         p.requires_grad_(False)
@@ -791,7 +827,8 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
         """Validate, keep the best, write the checkpoint; returns why the run collapsed, if it did."""
         nonlocal good
         if val_loader is not None:
-            values = validation_scores(ema, task, val_loader, config.validated_widths, config.eval_samples, device)
+            values = validation_scores(ema, task, val_loader, config.validated_widths, config.eval_samples, device,
+                                       calibration=calibration)
             row = {"step": step, **{f"val_{task.metric}@{w:g}": v for w, v in values.items()}}
             if rank == 0 and progress:
                 tqdm.write("step %d: " % step + ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "step"))
