@@ -38,7 +38,8 @@ def test_tiny_demo_writes_table_json_and_plot(tmp_path):
     assert any("plot:" in line for line in lines)
     stages = summary["stage_seconds"]
     assert {"base model", "manifold (smoothing + fit)", "individual models"} <= set(stages)
-    assert abs(sum(stages.values()) - summary["seconds"]) < 0.2  # the stages add up to the whole run
+    # the stages add up to the whole run, within the rounding of each to 0.1 s (and of the total)
+    assert abs(sum(stages.values()) - summary["seconds"]) <= 0.05 * (len(stages) + 1) + 1e-6
 
     # a second run resumes: the base, the manifold and the individual models are loaded, not retrained
     lines.clear()
