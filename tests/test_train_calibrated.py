@@ -111,7 +111,6 @@ def test_a_calibrated_fit_normalises_every_trained_width_and_validates_calibrate
     assert len(result.history) == 3  # steps 2 (the pre-fit's end), 4 and 6
 
 
-
 @pytest.mark.filterwarnings("ignore::neumeta.train.PoorReconstructionWarning")
 def test_a_manifold_trained_calibrated_says_so_when_sampled_without_calibration(tmp_path):
     manifold = _manifold(4)

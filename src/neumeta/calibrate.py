@@ -83,6 +83,17 @@ def calibratable(space: WidthSpace) -> List[MorphLayer]:
             and layer.out[0].repeat == 1]
 
 
+def _channel_dims(output: torch.Tensor) -> list:
+    """Every dimension of a layer's output but the channels' (1): batch and spatial ones."""
+    return [0] + list(range(2, output.dim()))
+
+
+def _out_channels(layer: MorphLayer, counts: Mapping[str, int]) -> int:
+    """``layer``'s output channels in the network sampled at ``counts`` (a fixed segment keeps its own)."""
+    group = layer.out[0].group
+    return counts[group] if group is not None else layer.out[0].channels
+
+
 @torch.no_grad()
 def channel_statistics(net: nn.Module, names: Sequence[str], inputs: Sequence[torch.Tensor]
                        ) -> Dict[str, tuple]:
@@ -91,7 +102,7 @@ def channel_statistics(net: nn.Module, names: Sequence[str], inputs: Sequence[to
     hooks = []
     for name in names:
         def record(_module, _args, output, name=name):
-            dims = [0] + list(range(2, output.dim()))
+            dims = _channel_dims(output)
             entry = sums[name]
             entry[0] = entry[0] + output.double().mean(dims)
             entry[1] = entry[1] + output.double().pow(2).mean(dims)
@@ -119,11 +130,13 @@ def cell_targets(values: torch.Tensor, count: int, positions: str = "center") ->
         raise ValueError(f"positions must be 'center' or 'index', not {positions!r}")
     full = values.numel()
     offset = 0.5 if positions == "center" else 0.0
+    # on the values' own device: a fit calls this every step (train_calibrated), so no round trip to the host
+    index = torch.arange(max(count, full), dtype=torch.float64, device=values.device)
     if count >= full:
-        return values[((torch.arange(count, dtype=torch.float64) + offset) * full / count).long().clamp(max=full - 1)]
-    cell = ((torch.arange(full, dtype=torch.float64) + offset) * count / full).long().clamp(max=count - 1)
-    total = torch.zeros(count, dtype=values.dtype).index_add_(0, cell, values.cpu())
-    return (total / torch.bincount(cell, minlength=count).to(values.dtype)).to(values.device)
+        return values[((index[:count] + offset) * full / count).long().clamp(max=full - 1)]
+    cell = ((index + offset) * count / full).long().clamp(max=count - 1)
+    total = torch.zeros(count, dtype=values.dtype, device=values.device).index_add_(0, cell, values)
+    return total / torch.bincount(cell, minlength=count).to(values.dtype)
 
 
 @torch.no_grad()
@@ -149,12 +162,11 @@ def calibrate(net: nn.Module, reference: Union[nn.Module, Reference], space: Wid
     report.skipped = [f"{l.name} (its output channels are not one conv/linear segment)" for l in space.layers
                       if l.morphs and l not in layers]
     for layer in layers:
-        group = layer.out[0].group
-        count = counts[group] if group is not None else layer.out[0].channels
+        count = _out_channels(layer, counts)
         module = net.get_submodule(layer.name)
         if module.weight.shape[0] != count:
             raise ValueError(f"calibrate: layer {layer.name} has {module.weight.shape[0]} output channels, but "
-                             f"counts[{group!r}] = {count}; pass the counts the network was sampled at")
+                             f"counts[{layer.out[0].group!r}] = {count}; pass the counts the network was sampled at")
         mean_target, std_target = (cell_targets(t, count, positions) for t in targets[layer.name])
         mean, std = channel_statistics(net, [layer.name], inputs)[layer.name]
         # a dead channel (no spread) keeps its scale; only its mean moves
@@ -186,7 +198,7 @@ TRAIN_EPS = 1e-5  # added to the batch variance, as BatchNorm does
 
 def batch_statistics(output: torch.Tensor) -> tuple:
     """Per channel (dimension 1) mean and standard deviation over every other dimension."""
-    dims = [0] + list(range(2, output.dim()))
+    dims = _channel_dims(output)
     mean = output.mean(dims)
     return mean, (output - _per_channel(mean, output)).pow(2).mean(dims).add(TRAIN_EPS).sqrt()
 
@@ -221,8 +233,7 @@ def normalized_to(net: nn.Module, space: WidthSpace, counts: Mapping[str, int], 
     pooled into the cells of its channels, as ``calibrate`` does after the fact."""
     hooks = []
     for layer in calibratable(space):
-        group = layer.out[0].group
-        count = counts[group] if group is not None else layer.out[0].channels
+        count = _out_channels(layer, counts)
         mean_target, std_target = (cell_targets(t, count, positions) for t in targets[layer.name])
 
         def normalize(_module, _args, output, mean_target=mean_target, std_target=std_target):

@@ -84,7 +84,7 @@ import torch.distributed as dist
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from .calibrate import calibration_inputs, normalized_to, recorded_statistics
+from .calibrate import Reference, calibration_inputs, normalized_to, recorded_statistics
 from .checkpoint import load_checkpoint, save_checkpoint
 from .manifold import WeightManifold
 from .progress import progress_bar
@@ -359,15 +359,15 @@ def sample_widths(manifold: WeightManifold, config: FitConfig, rng: random.Rando
 
 def evaluate_widths(manifold: WeightManifold, task, batches, widths: Sequence, samples: int = 1,
                     device=None, full_width: Optional[str] = None, seed: int = 0,
-                    calibration: Optional[Sequence[torch.Tensor]] = None) -> Dict[float, Dict[str, float]]:
+                    calibration=None) -> Dict[float, Dict[str, float]]:
     """Task metrics of the generated network at each width (no module is built), its weights
     averaged over ``samples`` draws from ``seed``; at full width ``full_width`` ("reference" or
     "inr"; default: the manifold's choice, as ``sample`` gives it). With ``calibration`` (input
-    batches) each width is sampled calibrated on them instead, as ``sample(calibration=...)``."""
+    batches, or the ``Reference`` measured on them) each width is sampled calibrated instead, as
+    ``sample(calibration=...)``."""
     device = device or manifold.device
     template = manifold.space.model
-    reference = None if calibration is None else manifold.calibration_reference(calibration, samples, seed,
-                                                                                len(calibration))
+    reference = calibration_reference(manifold, calibration, samples, seed)
     results = {}
     for width in widths:
         if reference is not None:
@@ -377,6 +377,14 @@ def evaluate_widths(manifold: WeightManifold, task, batches, widths: Sequence, s
         params = manifold.expected_parameters(width, samples=samples, seed=seed, full_width=full_width)
         results[width] = task.evaluate(lambda x: functional_call(template, params, (x,)), batches, device)
     return results
+
+
+def calibration_reference(manifold: WeightManifold, calibration, samples: int, seed: int = 0) -> Optional[Reference]:
+    """The full width's statistics on ``calibration`` (input batches; None: no calibration; a
+    ``Reference`` is returned as it is)."""
+    if calibration is None or isinstance(calibration, Reference):
+        return calibration
+    return manifold.calibration_reference(calibration, samples, seed, len(calibration))
 
 
 class _CountingBatches:
@@ -407,6 +415,7 @@ def validation_scores(manifold: WeightManifold, task, batches, widths: Sequence,
     (accuracy, ELBO); a ratio over pixels or classes (mIoU) is weighted by images instead.
     """
     _, world = rank_and_world()
+    calibration = calibration_reference(manifold, calibration, samples)  # measured once for every width
     if world == 1:
         return {w: m[task.metric] for w, m in evaluate_widths(manifold, task, batches, widths, samples, device,
                                                               full_width=full_width,
