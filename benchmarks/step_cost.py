@@ -5,6 +5,8 @@
     PYTHONPATH=src python benchmarks/step_cost.py --steps 2 --models lenet   # a quick look
     PYTHONPATH=src python benchmarks/step_cost.py --models resnet20 --hidden 256 64 --options 1,off 0.25,on
     PYTHONPATH=src python benchmarks/step_cost.py --precision float32 bfloat16    # the INR's matmuls in bf16
+    PYTHONPATH=src python benchmarks/step_cost.py --models resnet20 --recipes default \
+        --set sandwich=false original_distill=false train_calibrated=true --options 0.25,off   # a leaner recipe
 
 For LeNet (Fashion-MNIST), ResNet-20 with every channel group morphed and ResNet-20 with the
 paper's groups (``groups="paper"``, the last block of layer3; Fashion-MNIST padded to 3x32x32),
@@ -55,11 +57,13 @@ try:
 except ImportError:  # let the script run without PYTHONPATH=src as well
     sys.path.insert(0, str(ROOT / "src"))
 from benchmarks.recipe_benchmark import device_name, fit_step_seconds, plain_step_seconds
+from neumeta.config import parse_overrides
 from neumeta.coords import CoordConfig
 from neumeta.experiment import DataConfig, build_manifold, load_data
 from neumeta.inr import PRECISIONS, BlockMLP, INRConfig
 from neumeta.models import create_model
 from neumeta.recipes import recipe
+from neumeta.train import FitConfig
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step-cost.md"
 # (label, registry model, dataset, WidthSpace groups)
@@ -166,10 +170,14 @@ def fresh_manifold(label: str, data, device: str, coords=None, hidden: Optional[
 
 
 def measure(label: str, data, device: str, subset: float, batched: bool, steps: int,
-            recipe_name: str = "default", hidden: Optional[int] = None, precision: str = "float32") -> dict:
-    """One row: fit and plain steps back to back, the INR's FLOPs, the matmul rate, peak memory."""
+            recipe_name: str = "default", hidden: Optional[int] = None, precision: str = "float32",
+            options: Optional[Dict[str, object]] = None) -> dict:
+    """One row: fit and plain steps back to back, the INR's FLOPs, the matmul rate, peak memory.
+    ``options``: FitConfig fields set over the recipe's (``--set``); the row's recipe names them."""
     name = MODELS[label][0]
-    config, coords = recipe(recipe_name, tensor_subset=subset)
+    config, coords = recipe(recipe_name, tensor_subset=subset, **(options or {}))
+    if options:
+        recipe_name += ", " + ", ".join(f"{k}={v}" for k, v in options.items())
     manifold = fresh_manifold(label, data, device, coords, hidden, precision)
     manifold.batched = batched
     with warnings.catch_warnings():  # timing fits of a fresh INR: what they warn about is not measured here
@@ -244,9 +252,12 @@ def main(argv: Optional[List[str]] = None) -> None:
                              "rate is measured in the same dtype)")
     parser.add_argument("--options", nargs="+", default=None, metavar="SUBSET,BATCHED",
                         help="(tensor_subset, batched) pairs to time, e.g. 1,off 0.25,on (default: all four)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="FitConfig fields set over every recipe timed, e.g. sandwich=false (values read as YAML)")
     parser.add_argument("--no-fit", action="store_true", help="only the sampling table")
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args(argv)
+    fit_options = parse_overrides(args.set, {"fit": FitConfig}, default="fit")["fit"]
     started = time.perf_counter()
     section = ""
     datasets: Dict[str, object] = {}
@@ -259,7 +270,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                                                        [(r, h, p, o) for r in args.recipes for h in args.hidden
                                                         for p in args.precision for o in options]):
             row = table_row(measure(label, datasets[dataset], args.device, subset, batched, args.steps,
-                                    recipe_name, hidden, precision))
+                                    recipe_name, hidden, precision, fit_options))
             print(row, end="", flush=True)
             section += row
     sampling = ""

@@ -7,10 +7,31 @@ from torch.func import functional_call
 
 import neumeta as nm
 import neumeta.train as train
-from neumeta.calibrate import Reference, calibrate, calibratable, channel_statistics, normalized_to, \
-    recorded_statistics
+from neumeta.calibrate import TRAIN_EPS, Reference, calibrate, calibratable, channel_statistics, normalized_output, \
+    normalized_to, recorded_statistics
 from neumeta.data import TensorLoader
 from neumeta.manifold import UncalibratedWarning
+
+
+@pytest.mark.parametrize("shape", [(8, 5, 6, 7), (8, 5), (1, 5), (1, 5, 1, 1)])
+def test_normalized_output_is_batchnorm_with_the_targets_as_affine(shape):
+    """The fused kernel gives what the formula says, values and gradients, on conv and linear
+    outputs, and on one value per channel (where the kernel refuses train mode)."""
+    torch.manual_seed(0)
+    z = (torch.randn(shape, dtype=torch.float64) * 3 + 1).requires_grad_()
+    mean_target, std_target = torch.randn(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64) + 0.5
+    view = (1, -1) + (1,) * (len(shape) - 2)
+    dims = [0] + list(range(2, len(shape)))
+    mean = z.mean(dims, keepdim=True)
+    std = ((z - mean) ** 2).mean(dims, keepdim=True).add(TRAIN_EPS).sqrt()
+    expected = (z - mean) / std * std_target.view(view) + mean_target.view(view)
+    got = normalized_output(z, mean_target, std_target)
+    assert got.shape == z.shape
+    torch.testing.assert_close(got, expected)
+    weights = torch.randn(shape, dtype=torch.float64)
+    (grad_expected,) = torch.autograd.grad((expected * weights).sum(), z)
+    (grad_got,) = torch.autograd.grad((got * weights).sum(), z)
+    torch.testing.assert_close(grad_got, grad_expected)
 
 
 def _manifold(seed=0):

