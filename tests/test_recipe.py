@@ -75,6 +75,19 @@ def test_sandwich_rule_trains_the_narrowest_width_every_step(small_manifold, mon
             assert hits < joint and len(generated) == joint
 
 
+def test_sandwich_every_trains_the_narrowest_width_on_every_kth_joint_step(small_manifold, monkeypatch):
+    generated = []
+    original = small_manifold.params_from_rows
+    monkeypatch.setattr(small_manifold, "params_from_rows", lambda values, counts: generated.append(dict(counts))
+                        or original(values, counts))
+    config = nm.FitConfig(steps=7, prefit_steps=1, sandwich_every=3, inplace_distill=False, min_width=0.5,
+                          eval_every=100)
+    nm.fit(small_manifold, nm.ClassificationTask(10), _loader(), None, config, progress=False)
+    assert len(generated) == 7 + 3  # joint steps 0, 3 and 6 also train the narrowest width
+    with pytest.raises(ValueError, match="sandwich_every"):
+        nm.FitConfig(sandwich_every=0)
+
+
 def test_original_distillation_adds_the_reference_networks_kl(small_manifold, example):
     task = nm.ClassificationTask(10)
     batch = (example, torch.tensor([1, 2]))

@@ -9,7 +9,8 @@ import torch
 import neumeta as nm
 from neumeta.checkpoint import load_checkpoint
 from neumeta.data import TensorLoader
-from neumeta.train import FitConfig, reconstruction_errors, reconstruction_from_values, task_loss_terms
+from neumeta.train import (FitConfig, IdleBlocksHeld, idle_blocks, reconstruction_errors, reconstruction_from_values,
+                           task_loss_terms)
 from helpers import Crash, CrashingTask
 
 
@@ -88,6 +89,36 @@ def test_one_joint_step_moves_only_the_drawn_blocks():
         _fit(manifold, nm.ClassificationTask(10), steps=1, prefit_steps=0, tensor_subset=0.3)
     moved = [b for b in range(len(manifold.specs)) if not torch.equal(before[b], manifold.inr.w_hidden[b])]
     assert len(moved) == round(0.3 * len(manifold.specs))
+
+
+@pytest.mark.parametrize("held", [True, False])
+def test_adam_leaves_the_idle_blocks_and_their_moments_as_they_were(held):
+    """After full steps every block has momentum: a subset step must still move only its blocks
+    (the stacked parameters give the others a zero gradient, which plain Adam acts on)."""
+    manifold = _manifold()
+    optimizer = torch.optim.Adam(manifold.parameters(), lr=1e-2)
+    for _ in range(2):
+        _step_grads(manifold, None)
+        optimizer.step()
+    chosen = {0, 3}
+    before = {n: p.detach().clone() for n, p in manifold.inr.named_parameters()}
+    moments = {n: {k: v.clone() for k, v in optimizer.state[p].items()} for n, p in manifold.inr.named_parameters()}
+    _step_grads(manifold, chosen)
+    idle = idle_blocks(manifold, chosen)
+    assert sorted(idle) == [b for b in range(len(manifold.specs)) if b not in chosen]
+    with IdleBlocksHeld(manifold, optimizer, idle if held else []):
+        optimizer.step()
+    for name, p in manifold.inr.named_parameters():
+        for block in range(len(manifold.specs)):
+            moved = not torch.equal(p[block], before[name][block])
+            kept = all(torch.equal(optimizer.state[p][k][block], moments[name][k][block])
+                       for k in ("exp_avg", "exp_avg_sq"))
+            if block in chosen:
+                assert moved and not kept, (name, block)
+            elif held:
+                assert not moved and kept, (name, block)
+            else:  # what held prevents: stale momentum moves a block whose loss was not seen
+                assert moved, (name, block)
 
 
 @pytest.mark.filterwarnings("ignore::neumeta.NeverLearnedWarning", "ignore::neumeta.PoorReconstructionWarning")
