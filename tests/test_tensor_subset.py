@@ -182,3 +182,36 @@ def test_the_warning_says_what_a_detail_table_changes():
     plain = poor_reconstruction({"a.weight": 0.1, "b.weight": 0.5}, 0.25)
     assert "b.weight 0.50" in plain and "a.weight" not in plain and "does not start from the reference" in plain
     assert "fades out" in poor_reconstruction({"b.weight": 0.5}, 0.25, detail=True)
+
+
+def test_resnet20_calibrated_subset_gradients_equal_a_full_generations():
+    """The every-layer ResNet-20 recipe (gaussian encoding, relative L_recon, the narrower widths
+    trained calibrated): the chosen blocks' gradients are the full generation's, the others none."""
+    torch.manual_seed(0)
+    space = nm.WidthSpace(nm.create_model("resnet20"), torch.zeros(2, 3, 32, 32))
+    manifold = nm.WeightManifold(space, nm.INRConfig(hidden=16, depth=3, encoding="gaussian", frequencies=8),
+                                 nm.CoordConfig(noise=0.0))
+    config = FitConfig(train_calibrated=True, recon_reduction="relative")
+    g = torch.Generator().manual_seed(3)
+    batch = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
+    full = space.full
+    trained = [{n: s // 2 + 1 for n, s in full.items()}, {n: s // 2 for n, s in full.items()}]
+
+    def grads(subset):
+        manifold.zero_grad(set_to_none=True)
+        values = manifold.row_values(full, noise=True, detail=False, grad_tensors=subset)
+        recon = reconstruction_from_values(values, list(manifold.original_rows()), "relative")
+        task, l2 = task_loss_terms(manifold, nm.ClassificationTask(10), batch, trained, config,
+                                   full_params=manifold.params_from_rows(values, full), grad_tensors=subset)
+        (task + recon + 1e-4 * l2).backward()
+        return {name: p.grad.clone() for name, p in manifold.inr.named_parameters()}
+
+    every, chosen = grads(None), {0, 5, 17, 30, 43}
+    part = grads(chosen)
+    for name, grad in part.items():
+        for block in range(len(manifold.specs)):
+            if block in chosen:
+                assert grad[block].abs().sum() > 0, (name, block)
+                torch.testing.assert_close(grad[block], every[name][block], rtol=1e-4, atol=1e-6)
+            else:
+                assert not grad[block].any(), (name, block)
