@@ -90,7 +90,8 @@ HELP = {
                         "of its cells, the network calibrated sampling gives (for deep networks without BatchNorm)",
     "calibration_batches": "training batches that calibrate each validated width (with --train-calibrated)",
     "tensor_subset": "fraction of the generated tensors whose INR blocks get gradients each joint step (the "
-                     "paper's random subset of layers; the rest are generated without autograd): a cheaper backward",
+                     "paper's random subset of layers; the rest are generated without autograd): a cheaper backward; "
+                     "0.25 and 0.5 measured to break fits (docs/recipe.md)",
     "recon_warn": "warn after the pre-fit about tensors whose relative full-width reconstruction error exceeds this",
     # coords / inr
     "size_terms": "add the paper's size coordinates L/N, C_in/N, C_out/N",

@@ -165,8 +165,8 @@ class FitConfig:
     calibration_batches: int = 4  # training batches that calibrate each validated width (train_calibrated)
     tensor_subset: float = 1.0   # fraction of the generated tensors whose INR blocks get gradients each
                                  # joint step (the rest generated without autograd, their blocks and Adam
-                                 # moments left as they are); 1.0 = all. ResNet-20 with every layer
-                                 # morphing diverges with 0.25 (docs/benchmarks.md)
+                                 # moments left as they are); 1.0 = all. For measurements: 0.25 and
+                                 # 0.5 break LeNet and ResNet-20 fits (docs/recipe.md)
     recon_warn: float = 0.75     # warn after the pre-fit about tensors whose relative full-width
                                  # reconstruction error ||W - W0|| / ||W0|| exceeds this: one the
                                  # pre-fit has barely moved (measured, LeNet after the default 1,000
