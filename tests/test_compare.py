@@ -1,6 +1,7 @@
 """`neumeta compare`: every method on the same data and seeds, one table, one CSV, one curve;
 a rerun skips the runs that are done."""
 import csv
+from pathlib import Path
 
 import pytest
 
@@ -170,3 +171,17 @@ def test_fine_tuned_pruning_is_measured_again_and_says_so(compared, tmp_path):
     assert tuned["table"] != plain["table"]
     assert tuned["seconds"] > plain["seconds"]  # the base's time plus the fine-tuning of the table's widths
     assert "fine-tuned 10 steps per width" in table
+
+
+@pytest.mark.parametrize("name", ["compare.yaml", "compare-resnet20.yaml", "compare-resnet20-every.yaml"])
+def test_the_shipped_compare_configs_parse_with_their_fit_options(name):
+    """A config whose options the parser renamed or dropped would fail the run hours in, or
+    quietly run another recipe."""
+    import yaml
+    from neumeta.cli import parse_command
+    path = Path(__file__).resolve().parents[1] / "configs" / name
+    _, c = parse_command(["compare", str(path)])
+    for key, value in (yaml.safe_load(path.read_text()).get("fit") or {}).items():
+        got = getattr(c.fit, key)
+        assert (tuple(got) if isinstance(got, (list, tuple)) else got) == \
+            (tuple(value) if isinstance(value, list) else value), key
