@@ -80,7 +80,8 @@ def candidate_flips() -> List[tuple]:
     fine-tuned on the same batches reaches 90.4 % on LeNet where the INR's full width ends at 88);
     for the unseen widths again, a lighter L_recon (λ1 0.3; 10 -> 1 gained 2.5 points at 75 %);
     for the step's cost, the INR's matmuls in bfloat16 (1.6x faster LeNet fit steps on this CPU) and
-    the paper's random subset of tensors trained per step (a quarter: 1.7x faster).
+    the paper's random subset of tensors trained per step (a quarter: 1.7x faster steps, but the fit
+    falls apart at the default rate, docs/recipe.md).
     ``run`` leaves them out unless named: the default table is the paper preset, the default and
     the ablation."""
     fit, coords, inr = FitConfig(), CoordConfig(), INRConfig()

@@ -311,7 +311,7 @@ def idle_blocks(manifold: WeightManifold, subset: Optional[AbstractSet[int]]) ->
     if subset is None:
         return []
     active = {manifold.specs[i].block for i in subset}
-    return [b for b in range(manifold.inr.w_in.shape[0]) if b not in active]
+    return [b for b in range(len(manifold.specs)) if b not in active]  # one block per tensor
 
 
 class IdleBlocksHeld:
@@ -323,23 +323,23 @@ class IdleBlocksHeld:
 
     def __init__(self, manifold: WeightManifold, optimizer: torch.optim.Optimizer, idle: Sequence[int]):
         self.stacked = list(manifold.inr.parameters()) if idle else []
-        self.optimizer, self.idle = optimizer, torch.tensor(list(idle), dtype=torch.long)
+        self.optimizer = optimizer
+        self.idle = torch.tensor(list(idle), dtype=torch.long, device=manifold.device)
 
     def __enter__(self):
         self.kept = []
         for p in self.stacked:
-            idle = self.idle.to(p.device)
-            state = {k: v.index_select(0, idle) for k, v in self.optimizer.state.get(p, {}).items()
+            state = {k: v.index_select(0, self.idle) for k, v in self.optimizer.state.get(p, {}).items()
                      if torch.is_tensor(v) and v.dim() and v.shape[0] == p.shape[0]}
-            self.kept.append((p, idle, p.detach().index_select(0, idle), state))
+            self.kept.append((p, p.detach().index_select(0, self.idle), state))
         return self
 
     def __exit__(self, *exc):
         with torch.no_grad():
-            for p, idle, value, state in self.kept:
-                p.index_copy_(0, idle, value)
+            for p, value, state in self.kept:
+                p.index_copy_(0, self.idle, value)
                 for k, v in state.items():
-                    self.optimizer.state[p][k].index_copy_(0, idle, v)
+                    self.optimizer.state[p][k].index_copy_(0, self.idle, v)
         return False
 
 
