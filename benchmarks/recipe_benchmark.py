@@ -72,7 +72,8 @@ def candidate_flips() -> List[tuple]:
     learning rate (the warm-up to 1e-3 knocks the reconstructed full width down 5 points), a
     higher one (the joint phase is still climbing when the schedule ends), or a residual INR (a
     correction on the resampled reference: exact at full width; or a detail table, exact at full
-    width and faded out below the trained range); for the INR's slower learning per image, the
+    width and faded out below the trained range); for the INR's slower learning per image, a grid
+    of plain weights read at the jittered coordinates beside the INR, the
     gaussian encoding (mixed channel frequencies), learned per-channel features, the relative
     L_recon, a lower joint-phase learning rate and Adam restarted for the joint phase (an INR fitted
     at full width alone, without noise, fell from 87.6 to 79.7 % in its first 500 joint steps at
@@ -94,6 +95,7 @@ def candidate_flips() -> List[tuple]:
             ("inr", "residual", "linear" if inr.residual != "linear" else "none"),
             ("inr", "residual", "area" if inr.residual != "area" else "none"),
             ("inr", "detail", not inr.detail),
+            ("inr", "grid", not inr.grid),
             ("inr", "encoding", "gaussian" if inr.encoding != "gaussian" else "powers"),
             ("inr", "channel_features", 16 if inr.channel_features != 16 else 0),
             ("fit", "recon_reduction", "relative" if fit.recon_reduction != "relative" else "mean"),
@@ -116,6 +118,10 @@ COMBINED = {
     # better when it went from 10 to 1 (docs/recipe.md)
     "default, gaussian encoding, recon_weight 0.3": {"inr": {"encoding": "gaussian"},
                                                     "fit": {"recon_weight": 0.3}},
+    # the detail table learns at the speed of plain weights; a 4-epoch reference as teacher may then
+    # hold the trained widths back, as it did ResNet-20's every-layer fit (docs/benchmarks.md)
+    "default, detail table, no original distillation": {"inr": {"detail": True},
+                                                        "fit": {"original_distill": False}},
 }
 
 

@@ -115,6 +115,8 @@ HELP = {
     "full_width": "what sampling gives at full width: reference (the base network, exactly), inr (the INR's, as "
                   "at every other width) or best (whichever fit measured better on validation)",
     "detail_fade": "width fraction below the trained range over which the detail table fades out",
+    "grid": "add a learned full-width table of plain weights per tensor, read at each row's jittered "
+            "coordinates by bilinear interpolation, at every width",
     # commands
     "base": "the trained full-width model (written by `neumeta train-base`)",
     "checkpoint": "training checkpoint (written atomically at every validation; default: OUT.ckpt)",

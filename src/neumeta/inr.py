@@ -46,6 +46,14 @@ class INRConfig:
         linearly over ``detail_fade`` of width, leaving the INR alone, which ``fit`` also trains
         on its own for those widths. Full width is then the reference network exactly when the
         joint phase starts, and the table learns the task at the speed of ordinary weights.
+    grid: a learned table per tensor at its full channel resolution, read at each row's coordinates
+        (jittered like the INR's, so it trains under the same coordinate noise) by bilinear
+        interpolation over the (out, in) channel positions, and added to the INR's output at every
+        width. Why: the INR learns more slowly per image than plain weights (docs/recipe.md, "The
+        honest gap"); the table's entries are plain weights, and the noise that teaches the INR
+        values between channels teaches the table the same, so a narrower or unseen width reads a
+        blend of neighbouring channels scaled to its fan-in, as the coordinates do. Starts at zero
+        (the INR alone). The detail table is the other way to hold plain weights: use one of them.
     encoding: how coordinates become the MLPs' input. "powers" (default, the paper's):
         sin/cos(2^k pi v) of each coordinate alone, k < ``frequencies``. "gaussian": random Fourier
         features that mix the in- and out-channel positions (``GaussianFeatures``), their
@@ -75,6 +83,7 @@ class INRConfig:
     residual: str = "none"
     detail: bool = False
     detail_fade: float = 0.125
+    grid: bool = False
     full_width: str = "best"
     channel_features: int = 0
     precision: str = "float32"
@@ -92,6 +101,8 @@ class INRConfig:
             raise ValueError(f"encoding_scale must be > 0 (cycles per channel), not {self.encoding_scale}")
         if self.detail and self.residual != "none":
             raise ValueError("detail and residual are two ways of holding the reference's detail: use one of them")
+        if self.grid and (self.detail or self.residual != "none"):
+            raise ValueError("grid holds plain weights beside the INR, as detail and residual do: use one of them")
         if self.channel_features < 0:
             raise ValueError(f"channel_features must be >= 0, not {self.channel_features}")
         if self.precision not in PRECISIONS:

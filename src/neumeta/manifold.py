@@ -130,9 +130,15 @@ class WeightManifold(nn.Module):
         self.full_width_choice: Optional[str] = None  # fit's choice for INRConfig(full_width="best")
         self.trained_calibrated = False  # fit trained the narrower widths calibrated (FitConfig.train_calibrated)
         self.detail: Optional[nn.ParameterList] = None
+        self.grid: Optional[nn.ParameterList] = None
         if inr.detail:  # full width is the reference exactly from the start (and again after the pre-fit)
             self.detail = nn.ParameterList([nn.Parameter(torch.zeros_like(r)) for r in self.original_rows()])
             self.anchor_detail()
+        if inr.grid:  # [C_out, C_in (1 for a bias), elements] at full width, in weight units; zero: the INR alone
+            self.grid = nn.ParameterList([
+                nn.Parameter(torch.zeros(r.shape[0] // c_in, c_in, r.shape[1]))
+                for s, r in zip(specs, self.original_rows())
+                for c_in in [1 if s.bias else space.layer_channels(s.layer, space.full)[0]]])
 
     @property
     def full_width_source(self) -> str:
@@ -239,15 +245,35 @@ class WeightManifold(nn.Module):
         ``tensor_subset``. None: all of them.
         """
         tables = self._coordinates(counts)
-        feats = []
+        feats, grid = [], []
         for i, (coords, scale) in enumerate(tables):
             if rows is not None:
                 coords = coords[rows[i]]
             if noise and self.coord_config.noise > 0 and self.noise_fraction > 0:
                 coords = coords + (2 * self._uniform(coords, generator) - 1) * (scale * self.noise_fraction)
             feats.append(self.fourier(coords, self.specs[i].block))
-        values = self._finish(self._inr_outputs(feats, grad_tensors), counts, rows)
+            if self.grid is not None:
+                grid.append(self.grid_values(i, coords))
+        values = self._finish(self._inr_outputs(feats, grad_tensors), counts, rows, grid or None)
         return self.with_detail(values, counts, rows) if detail else values
+
+    def grid_values(self, i: int, coords: torch.Tensor) -> torch.Tensor:
+        """Tensor ``i``'s grid (``INRConfig.grid``) at coordinate rows ``coords``: bilinear over its
+        full-width (out, in) channel positions, so a channel's centre reads its own entry and a
+        jittered or narrower coordinate a blend of its neighbours; a weight's value times its full
+        fan-in channels, the units ``_finish`` divides by the fan-in of the width sampled."""
+        table = self.grid[i]
+        offset = 0.5 if self.coord_config.positions == "center" else 0.0
+
+        def axis(v: torch.Tensor, count: int):
+            t = (v * count - offset).clamp(0, count - 1)
+            low = t.floor().long().clamp(max=max(count - 2, 0))
+            return low, (t - low).unsqueeze(-1), (low + 1).clamp(max=count - 1)
+        o_low, o_frac, o_high = axis(coords[:, 2], table.shape[0])
+        i_low, i_frac, i_high = axis(coords[:, 1], table.shape[1])
+        value = ((table[o_low, i_low] * (1 - i_frac) + table[o_low, i_high] * i_frac) * (1 - o_frac)
+                 + (table[o_high, i_low] * (1 - i_frac) + table[o_high, i_high] * i_frac) * o_frac)
+        return value if self.specs[i].bias else value * table.shape[1]
 
     @staticmethod
     def _uniform(coords: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -257,13 +283,17 @@ class WeightManifold(nn.Module):
         return u.to(coords.device)
 
     def _finish(self, outputs: Sequence[torch.Tensor], counts: Mapping[str, int],
-                rows: Optional[Sequence[torch.Tensor]] = None) -> List[torch.Tensor]:
-        """The INR's raw outputs as row values: cropped to each tensor's kernel, scaled, weights
-        divided by their fan-in channels, plus the resampled reference of a residual INR."""
+                rows: Optional[Sequence[torch.Tensor]] = None,
+                grid: Optional[Sequence[torch.Tensor]] = None) -> List[torch.Tensor]:
+        """The INR's raw outputs as row values: cropped to each tensor's kernel, scaled, plus the
+        grid's values (``grid_values``), weights divided by their fan-in channels, plus the
+        resampled reference of a residual INR."""
         base = self._base_rows(counts) if self.inr_config.residual != "none" else None
         values = []
         for i, (s, out) in enumerate(zip(self.specs, outputs)):
             v = out.index_select(1, getattr(self, f"crop_{s.block}")) * self.output_scale[s.block]
+            if grid is not None:
+                v = v + grid[i]
             if not s.bias:
                 v = v / self.space.layer_channels(s.layer, counts)[0]
             if base is not None:
@@ -360,18 +390,23 @@ class WeightManifold(nn.Module):
         tables = self._coordinates(counts)
         largest = max(coords.shape[0] for coords, _ in tables)
         per_call = max(1, min(samples, batch_rows // largest)) if batch_rows > 0 else 1
-        total = None
+        total, grid = None, None
         for start in range(0, samples, per_call):
             draws = min(per_call, samples - start)
             noise = [[self._uniform(coords, gen) for coords, _ in tables] for _ in range(draws)]
-            feats = [self.fourier(torch.cat([coords + (2 * noise[d][i] - 1) * scale for d in range(draws)]),
-                                  self.specs[i].block)
-                     for i, (coords, scale) in enumerate(tables)]
+            jittered = [torch.cat([coords + (2 * noise[d][i] - 1) * scale for d in range(draws)])
+                        for i, (coords, scale) in enumerate(tables)]
+            feats = [self.fourier(c, self.specs[i].block) for i, c in enumerate(jittered)]
             outputs = [out.reshape(draws, -1, out.shape[-1]).sum(0) for out in self._inr_outputs(feats, None)]
             total = outputs if total is None else [a + b for a, b in zip(total, outputs)]
+            if self.grid is not None:
+                reads = [self.grid_values(i, c).reshape(draws, -1, self.grid[i].shape[-1]).sum(0)
+                         for i, c in enumerate(jittered)]
+                grid = reads if grid is None else [a + b for a, b in zip(grid, reads)]
         # every step after the INR is linear, and a residual's reference is the same in every draw:
         # finishing the mean once is finishing each draw and averaging
-        values = self._finish([t / samples for t in total], counts)
+        values = self._finish([t / samples for t in total], counts,
+                              grid=None if grid is None else [g / samples for g in grid])
         return self.with_detail(values, counts) if detail else values
 
     def generate(self, width: Width = 1.0, noise: bool = False,

@@ -914,9 +914,9 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
         return None
 
     original_outputs = None
-    # the INR's parameters; a detail table is plain weights, left to Adam as they are (restoring a
+    # the INR's parameters; a detail table or grid is plain weights, left to Adam as they are (restoring a
     # state loads into these same tensors, so the list holds through rollbacks)
-    table = {id(p) for p in manifold.detail.parameters()} if manifold.detail is not None else set()
+    table = {id(p) for tables in (manifold.detail, manifold.grid) if tables is not None for p in tables.parameters()}
     clipped = [p for p in manifold.parameters() if id(p) not in table]
     batches = endless_batches(train_loader, state["step"])
     bar = progress_bar(initial=state["step"], total=total, desc="fit", disable=not progress or rank != 0)
