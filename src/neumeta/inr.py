@@ -53,7 +53,9 @@ class INRConfig:
         honest gap"); the table's entries are plain weights, and the noise that teaches the INR
         values between channels teaches the table the same, so a narrower or unseen width reads a
         blend of neighbouring channels scaled to its fan-in, as the coordinates do. Starts at zero
-        (the INR alone). The detail table is the other way to hold plain weights: use one of them.
+        (the INR alone). Measured on LeNet (seed 0, docs/recipe.md): it learns faster, settles at the
+        INR's level in the trained range, and is 1.8 points lower at the unseen 75 %: an option for
+        experiments. The detail table is the other way to hold plain weights: use one of them.
     encoding: how coordinates become the MLPs' input. "powers" (default, the paper's):
         sin/cos(2^k pi v) of each coordinate alone, k < ``frequencies``. "gaussian": random Fourier
         features that mix the in- and out-channel positions (``GaussianFeatures``), their
