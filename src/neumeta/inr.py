@@ -155,6 +155,15 @@ class GaussianFeatures(nn.Module):
         return torch.cat([v, torch.sin(angles), torch.cos(angles)], dim=-1)
 
 
+def neighbours(v: torch.Tensor, count: int, offset: float = 0.5):
+    """For positions ``v`` [R] in [0, 1] over ``count`` channels at (j + offset)/count: the lower
+    and upper channel of each and the weight of the upper one ([R, 1]), clamped at the ends, so
+    a channel's own position reads it alone (linear interpolation along one axis)."""
+    t = (v * count - offset).clamp(0, count - 1)
+    low = t.floor().long().clamp(max=max(count - 2, 0))
+    return low, (t - low).unsqueeze(-1), (low + 1).clamp(max=count - 1)
+
+
 class ChannelFeatures(nn.Module):
     """An encoding followed by learned per-channel features of each tensor.
 
@@ -177,11 +186,7 @@ class ChannelFeatures(nn.Module):
     @staticmethod
     def read(table: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``table`` [C, dim] linearly interpolated at positions ``v`` [R] (channel centres at (j + 1/2)/C)."""
-        count = table.shape[0]
-        t = (v * count - 0.5).clamp(0, count - 1)
-        low = t.floor().long().clamp(max=max(count - 2, 0))
-        frac = (t - low).unsqueeze(-1)
-        high = (low + 1).clamp(max=count - 1)
+        low, frac, high = neighbours(v, table.shape[0])
         return table[low] * (1 - frac) + table[high] * frac
 
     def forward(self, v: torch.Tensor, block: int = 0) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch.nn as nn
 from .calibrate import Reference, calibrate, measure_reference
 from .coords import CoordConfig, tensor_channel_scale, tensor_coordinates
 from .groups import MorphLayer, Width, WidthSpace
-from .inr import BlockMLP, ChannelFeatures, FourierFeatures, GaussianFeatures, INRConfig, PRECISIONS
+from .inr import BlockMLP, ChannelFeatures, FourierFeatures, GaussianFeatures, INRConfig, PRECISIONS, neighbours
 from .resample import apply_resampling, resampling, resampled_rows
 
 
@@ -135,10 +135,9 @@ class WeightManifold(nn.Module):
             self.detail = nn.ParameterList([nn.Parameter(torch.zeros_like(r)) for r in self.original_rows()])
             self.anchor_detail()
         if inr.grid:  # [C_out, C_in (1 for a bias), elements] at full width, in weight units; zero: the INR alone
-            self.grid = nn.ParameterList([
-                nn.Parameter(torch.zeros(r.shape[0] // c_in, c_in, r.shape[1]))
-                for s, r in zip(specs, self.original_rows())
-                for c_in in [1 if s.bias else space.layer_channels(s.layer, space.full)[0]]])
+            shapes = [(c_out, 1 if s.bias else c_in, s.elements)
+                      for s in specs for c_in, c_out in [space.layer_channels(s.layer, space.full)]]
+            self.grid = nn.ParameterList([nn.Parameter(torch.zeros(shape)) for shape in shapes])
 
     @property
     def full_width_source(self) -> str:
@@ -264,13 +263,8 @@ class WeightManifold(nn.Module):
         fan-in channels, the units ``_finish`` divides by the fan-in of the width sampled."""
         table = self.grid[i]
         offset = 0.5 if self.coord_config.positions == "center" else 0.0
-
-        def axis(v: torch.Tensor, count: int):
-            t = (v * count - offset).clamp(0, count - 1)
-            low = t.floor().long().clamp(max=max(count - 2, 0))
-            return low, (t - low).unsqueeze(-1), (low + 1).clamp(max=count - 1)
-        o_low, o_frac, o_high = axis(coords[:, 2], table.shape[0])
-        i_low, i_frac, i_high = axis(coords[:, 1], table.shape[1])
+        o_low, o_frac, o_high = neighbours(coords[:, 2], table.shape[0], offset)
+        i_low, i_frac, i_high = neighbours(coords[:, 1], table.shape[1], offset)
         value = ((table[o_low, i_low] * (1 - i_frac) + table[o_low, i_high] * i_frac) * (1 - o_frac)
                  + (table[o_high, i_low] * (1 - i_frac) + table[o_high, i_high] * i_frac) * o_frac)
         return value if self.specs[i].bias else value * table.shape[1]
