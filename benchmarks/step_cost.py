@@ -7,6 +7,8 @@
     PYTHONPATH=src python benchmarks/step_cost.py --precision float32 bfloat16    # the INR's matmuls in bf16
     PYTHONPATH=src python benchmarks/step_cost.py --models resnet20 --recipes default \
         --set sandwich=false original_distill=false train_calibrated=true --options 0.25,off   # a leaner recipe
+    PYTHONPATH=src python benchmarks/step_cost.py --models resnet20 --recipes default --steps 8 \
+        --set train_calibrated=true original_distill=false --vary full_every=1,2,4   # one row per value
 
 For LeNet (Fashion-MNIST), ResNet-20 with every channel group morphed and ResNet-20 with the
 paper's groups (``groups="paper"``, the last block of layer3; Fashion-MNIST padded to 3x32x32),
@@ -254,10 +256,17 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="(tensor_subset, batched) pairs to time, e.g. 1,off 0.25,on (default: all four)")
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                         help="FitConfig fields set over every recipe timed, e.g. sandwich=false (values read as YAML)")
+    parser.add_argument("--vary", default=None, metavar="FIELD=V1,V2,...",
+                        help="one row per value of this FitConfig field, each over --set, e.g. full_every=1,2,4")
     parser.add_argument("--no-fit", action="store_true", help="only the sampling table")
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args(argv)
     fit_options = parse_overrides(args.set, {"fit": FitConfig}, default="fit")["fit"]
+    varied = [fit_options]
+    if args.vary:
+        field, _, values = args.vary.partition("=")
+        varied = [{**fit_options, **parse_overrides([f"{field}={v}"], {"fit": FitConfig}, default="fit")["fit"]}
+                  for v in values.split(",")]
     started = time.perf_counter()
     section = ""
     datasets: Dict[str, object] = {}
@@ -266,11 +275,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         if dataset not in datasets:
             datasets[dataset] = load_data(DataConfig(dataset=dataset), 0)
         options = OPTIONS if args.options is None else [parse_option(o) for o in args.options]
-        for recipe_name, hidden, precision, (subset, batched) in ([] if args.no_fit else
-                                                       [(r, h, p, o) for r in args.recipes for h in args.hidden
-                                                        for p in args.precision for o in options]):
+        for recipe_name, hidden, precision, (subset, batched), fields in ([] if args.no_fit else
+                                                       [(r, h, p, o, f) for r in args.recipes for h in args.hidden
+                                                        for p in args.precision for o in options for f in varied]):
             row = table_row(measure(label, datasets[dataset], args.device, subset, batched, args.steps,
-                                    recipe_name, hidden, precision, fit_options))
+                                    recipe_name, hidden, precision, fields))
             print(row, end="", flush=True)
             section += row
     sampling = ""

@@ -88,6 +88,55 @@ def test_sandwich_every_trains_the_narrowest_width_on_every_kth_joint_step(small
         nm.FitConfig(sandwich_every=0)
 
 
+def test_full_every_trains_the_full_width_on_every_kth_joint_step_only(small_manifold, monkeypatch):
+    task = nm.ClassificationTask(10)
+    labelled = []
+    original = task.loss
+    monkeypatch.setattr(task, "loss", lambda outputs, batch: labelled.append(outputs.requires_grad)
+                        or original(outputs, batch))
+    graphs = []  # per forward of the template (teacher, then sampled width, each step): builds a graph?
+    hook = small_manifold.space.model.register_forward_hook(lambda _m, _a, out: graphs.append(out.requires_grad))
+    config = nm.FitConfig(steps=7, prefit_steps=1, full_every=3, sandwich=False, original_distill=False,
+                          eval_every=100)
+    nm.fit(small_manifold, task, _loader(), None, config, progress=False)
+    hook.remove()
+    assert labelled == [True] * 3  # joint steps 0, 3 and 6: the only label losses, all with a graph
+    trained = [step % 3 == 0 for step in range(7)]
+    assert graphs == [flag for full in trained for flag in (full, True)]  # off steps: a forward-only teacher
+    with pytest.raises(ValueError, match="full_every"):
+        nm.FitConfig(full_every=0)
+    with pytest.raises(ValueError, match="inplace_distill"):
+        nm.FitConfig(full_every=2, inplace_distill=False)
+
+
+def test_a_forward_only_teacher_drops_exactly_the_full_widths_label_gradient(small_manifold, example):
+    """full_every's off steps: the INR's gradient is the whole step's less the full width's label
+    term, i.e. the teacher's forward adds nothing else to the graph."""
+    task = nm.ClassificationTask(10)
+    batch = (example, torch.tensor([1, 2]))
+    counts = small_manifold.space.resolve(0.5)
+    config = nm.FitConfig(original_distill=False)
+
+    def gradients(loss_of):
+        small_manifold.zero_grad()
+        torch.manual_seed(0)  # the same coordinate noise for the full width's rows each time
+        loss_of().backward()
+        return [p.grad.clone() for p in small_manifold.parameters()]
+
+    def label_term():
+        full = small_manifold.space.full
+        params = small_manifold.params_from_rows(small_manifold.row_values(full, noise=True), full)
+        return task.loss(functional_call(small_manifold.space.model, params, (example,)), batch)
+
+    whole = gradients(lambda: nm.train.task_loss_terms(small_manifold, task, batch, [counts], config)[0])
+    label = gradients(label_term)
+    teacher_only = gradients(lambda: nm.train.task_loss_terms(small_manifold, task, batch, [counts], config,
+                                                               train_full=False)[0])
+    assert any(g.abs().max() > 1e-4 for g in label)
+    for w, l, t in zip(whole, label, teacher_only):
+        torch.testing.assert_close(t, w - l, rtol=1e-4, atol=1e-6)
+
+
 def test_original_distillation_adds_the_reference_networks_kl(small_manifold, example):
     task = nm.ClassificationTask(10)
     batch = (example, torch.tensor([1, 2]))

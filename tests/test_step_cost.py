@@ -33,3 +33,15 @@ def test_a_row_is_timed_with_the_options_it_names(monkeypatch, tmp_path):
     row = [line for line in results.read_text().splitlines() if line.startswith("| lenet")]
     assert len(row) == 1
     assert "default, sandwich=False, original_distill=False, train_calibrated=True" in row[0]
+
+
+def test_vary_gives_one_row_per_value_over_the_set_fields(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(step_cost, "fit_step_seconds", lambda manifold, data, config, steps: seen.append(config) or 0.1)
+    monkeypatch.setattr(step_cost, "sampling_row", lambda *a, **k: "")
+    results = tmp_path / "cost.md"
+    step_cost.main(["--models", "lenet", "--steps", "1", "--recipes", "default", "--options", "1,off",
+                    "--set", "sandwich=false", "--vary", "full_every=1,3", "--results", str(results)])
+    assert sorted({c.full_every for c in seen}) == [1, 3] and not any(c.sandwich for c in seen)
+    rows = [line for line in results.read_text().splitlines() if line.startswith("| lenet")]
+    assert [("full_every=1" in r, "full_every=3" in r) for r in rows] == [(True, False), (False, True)]

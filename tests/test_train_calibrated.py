@@ -159,3 +159,16 @@ def test_train_calibrated_needs_the_full_width_forward():
         nm.FitConfig(train_calibrated=True, inplace_distill=False)
     with pytest.raises(ValueError, match="calibration_batches"):
         nm.FitConfig(calibration_batches=0)
+
+
+@pytest.mark.parametrize("shape", [(16, 8, 5, 5), (32, 10), (1, 6)])
+def test_teacher_statistics_are_the_batch_statistics_without_a_graph(shape):
+    """BatchNorm's running buffers (momentum 1, unbiased variance rescaled) give the same per-channel
+    mean and std as var_mean does, a single value per channel included, and no graph."""
+    from neumeta.calibrate import batch_statistics, teacher_statistics
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 3 + 1).requires_grad_()
+    mean, std = teacher_statistics(x * 2)
+    expected = batch_statistics((x * 2).detach())
+    torch.testing.assert_close(mean, expected[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(std, expected[1], rtol=1e-5, atol=1e-6)
+    assert not mean.requires_grad and not std.requires_grad

@@ -137,6 +137,10 @@ class FitConfig:
                                  # on validation: the unseen narrower widths gain most)
     sandwich_every: int = 1      # ... on every this many joint steps only (1: every step): most of the
                                  # sandwich's hold on the narrowest width for a fraction of its cost
+    full_every: int = 1          # the full width learns the task on every this many joint steps only
+                                 # (1: every step); on the others it runs forward-only, as the in-place
+                                 # teacher (and statistics source) alone: no backward through the
+                                 # widest network, the step's largest cost (inplace_distill)
     original_distill: bool = True   # the reference (pre-trained) network's outputs also teach
                                     # every trained width (KD); chosen on validation over 3 seeds:
                                     # +0.35 at full width, +0.37 at 0.5, +0.41 at the unseen 0.25
@@ -195,6 +199,12 @@ class FitConfig:
                              "the statistics the narrower widths are normalised to")
         if self.calibration_batches < 1:
             raise ValueError(f"calibration_batches must be >= 1, not {self.calibration_batches}")
+        if self.full_every < 1:
+            raise ValueError(f"full_every must be >= 1 (joint steps between two full-width task updates), "
+                             f"not {self.full_every}")
+        if self.full_every > 1 and not self.inplace_distill:
+            raise ValueError("full_every > 1 needs inplace_distill: without it the full width is not one of the "
+                             "step's trained networks")
         if self.sandwich_every < 1:
             raise ValueError(f"sandwich_every must be >= 1 (joint steps between two narrowest-width passes), "
                              f"not {self.sandwich_every}")
@@ -529,12 +539,13 @@ def _schedule(config: FitConfig):
 
 def task_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence[Mapping[str, int]],
                     config: FitConfig, original_outputs=None, full_params=None,
-                    grad_tensors: Optional[AbstractSet[int]] = None):
+                    grad_tensors: Optional[AbstractSet[int]] = None, train_full: bool = True):
     """(task part of the loss, L_l2 part) for one step's trained widths; see the module docstring.
 
     With in-place distillation the full width's generated parameters can be passed in
     (``full_params``), so the step that also uses them for L_recon generates them once.
     ``grad_tensors``: the tensors whose INR blocks get gradients (``tensor_subset``; None: all).
+    ``train_full`` False (``full_every``): the full width runs forward-only, a teacher alone.
 
     A manifold with a detail table (``INRConfig.detail``) trains each width twice from one
     generation: with the table, and the INR alone, which is what the widths below the trained
@@ -553,9 +564,9 @@ def task_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence
             full = manifold.params_from_rows(manifold.row_values(manifold.space.full, noise=True,
                                                                  grad_tensors=grad_tensors), manifold.space.full)
         with recorded_statistics(template, manifold.space) if config.train_calibrated else nullcontext({}) \
-                as full_stats:
+                as full_stats, nullcontext() if train_full else torch.no_grad():
             teacher = functional_call(template, full, (x,))
-        loss = task.loss(teacher, batch)
+        loss = task.loss(teacher, batch) if train_full else 0.0
     for counts in counts_list:
         values = manifold.row_values(counts, noise=True, detail=False, grad_tensors=grad_tensors)
         networks = [manifold.params_from_rows(manifold.with_detail(values, counts), counts)]
@@ -651,8 +662,8 @@ def changed_options(saved: Mapping, now: Mapping, prefix: str = "", skip: Sequen
 # joint step) resumes under other values of these, so one pre-fit serves several joint recipes
 JOINT_ONLY = ("steps", "joint_lr", "warmup", "fresh_optimizer", "noise_ramp", "width_ramp", "min_width", "max_width",
               "train_calibrated", "calibration_batches",
-              "per_group", "inplace_distill", "sandwich", "sandwich_every", "original_distill", "train_original", "l2_weight",
-              "tensor_subset", "eval_widths", "select_widths")
+              "per_group", "inplace_distill", "sandwich", "sandwich_every", "full_every", "original_distill",
+              "train_original", "l2_weight", "tensor_subset", "eval_widths", "select_widths")
 
 
 def check_resumable(saved: Mapping, config: FitConfig, checkpoint, step: Optional[int] = None) -> None:
@@ -955,8 +966,9 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
             elif config.original_distill:
                 with torch.no_grad():
                     original_outputs = template(batch[0])
+            train_full = (step - config.prefit_steps) % config.full_every == 0
             task_loss, l2 = task_loss_terms(manifold, task, batch, trained, config, original_outputs, full_params,
-                                            subset)
+                                            subset, train_full)
             loss = task_loss + config.recon_weight * recon + config.l2_weight * l2
         finite = torch.isfinite(loss.detach()).float()
         if world > 1:  # every process rolls back together, or none does
