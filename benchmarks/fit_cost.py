@@ -40,32 +40,16 @@ try:
     import neumeta  # noqa: F401
 except ImportError:  # let the script run without PYTHONPATH=src as well
     sys.path.insert(0, str(ROOT / "src"))
-from benchmarks.recipe_benchmark import device_name, fit_step_seconds
+from benchmarks.recipe_benchmark import device_name, fit_step_seconds, plain_step_seconds
 from neumeta.cli import parse_command
 from neumeta.experiment import build_manifold, load_data
 from neumeta.models import create_model, width_kwargs
-from neumeta.train import PoorReconstructionWarning, endless_batches, fit
+from neumeta.train import PoorReconstructionWarning, fit
 
 RESULTS = ROOT / "benchmarks" / "results" / "fit-cost.md"
 HEADER = "# Base + fit against the individual models, from step times measured in one run\n"
 COLUMNS = ("\n| config | full_every | plain step ms (widths) | pre-fit step ms | joint step ms (× plain) | "
            "base + pre-fit + joint s | individual models s | ratio |\n|---|---|---|---|---|---|---|---|\n")
-
-
-def plain_step_seconds(model: torch.nn.Module, data, lr: float, steps: int) -> float:
-    """Median wall time of a plain Adam training step of ``model`` on the config's batches."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    batches = endless_batches(data.train)
-    times = []
-    for _ in range(steps + 2):
-        x, y = next(batches)
-        start = time.perf_counter()
-        loss = data.task.loss(model(x), (x, y))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[2:])
 
 
 def prefit_step_seconds(manifold, data, fit_config, steps: int) -> float:
@@ -94,8 +78,6 @@ def main(argv: Optional[List[str]] = None) -> None:
     manifold = build_manifold(base, data.example.to(config.device), config.inr, config.coords, groups=config.groups,
                               smoothing=False, log=lambda *_: None).to(config.device)
     widths = list(config.widths)
-    models = {w: create_model(config.model, **width_kwargs(config.model, manifold.space.resolve(w))).to(config.device)
-              for w in widths}
     recipes = {k: dataclasses.replace(config.fit, full_every=k) for k in (args.full_every or [config.fit.full_every])}
     plain = {w: [] for w in widths}
     prefit: list = []
@@ -103,7 +85,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     started = time.perf_counter()
     for r in range(args.rounds):
         for w in widths:
-            plain[w].append(plain_step_seconds(models[w], data, config.lr, args.steps))
+            plain[w].append(plain_step_seconds(config.model, data, config.lr, 0, config.device, args.steps + 5,
+                                               **width_kwargs(config.model, manifold.space.resolve(w))))
         prefit.append(prefit_step_seconds(manifold, data, config.fit, args.steps))
         for k, fit_config in recipes.items():
             joint[k].append(fit_step_seconds(manifold, data, fit_config, args.steps))

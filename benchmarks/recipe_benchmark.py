@@ -211,13 +211,14 @@ def _write_json(path: Path, obj) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
 
 
-def plain_step_seconds(model_name, data, lr, seed, device, steps=50, batch_on_device=False) -> float:
-    """Mean wall time of a plain training step of the full model (the cost baseline); on a GPU
-    each step is waited for, so the time is the step's and not its launch's. ``batch_on_device``
-    trains on one batch already there, leaving the loader's share out."""
+def plain_step_seconds(model_name, data, lr, seed, device, steps=50, batch_on_device=False, **model_kwargs) -> float:
+    """Mean wall time of a plain training step of the full model (the cost baseline), or of the
+    model ``model_kwargs`` make (a narrower width); on a GPU each step is waited for, so the time is
+    the step's and not its launch's. ``batch_on_device`` trains on one batch already there, leaving
+    the loader's share out."""
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     torch.manual_seed(seed)
-    model = create_model(model_name).to(device).train()
+    model = create_model(model_name, **model_kwargs).to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     batches = endless_batches(data.train)
     fixed = [t.to(device) for t in next(batches)] if batch_on_device else None

@@ -15,9 +15,9 @@ def test_the_ratio_is_the_step_times_times_the_compare_schedule(monkeypatch, tmp
         "data": {"train_size": 256, "eval_size": 200, "val_size": 500, "batch_size": 64},
         "fit": {"prefit_steps": 30, "steps": 50}}))
     plain = {}
-    monkeypatch.setattr(fit_cost, "plain_step_seconds",
-                        lambda model, data, lr, steps: plain.setdefault(sum(p.numel() for p in model.parameters()),
-                                                                        0.01 * (len(plain) + 1)))
+    monkeypatch.setattr(fit_cost, "plain_step_seconds",  # each width its own time, in the order first timed
+                        lambda name, data, lr, seed, device, steps, **width: plain.setdefault(repr(width),
+                                                                                           0.01 * (len(plain) + 1)))
     monkeypatch.setattr(fit_cost, "prefit_step_seconds", lambda manifold, data, config, steps: 0.02)
     monkeypatch.setattr(fit_cost, "fit_step_seconds",
                         lambda manifold, data, config, steps: 0.05 * config.full_every)
