@@ -88,6 +88,21 @@ def test_sandwich_every_trains_the_narrowest_width_on_every_kth_joint_step(small
         nm.FitConfig(sandwich_every=0)
 
 
+def test_sampled_every_trains_the_sampled_width_on_every_kth_joint_step_only(small_manifold, monkeypatch):
+    trained = []  # per joint step: the widths trained beside the full width
+    real = nm.train.task_loss_terms
+    monkeypatch.setattr(nm.train, "task_loss_terms", lambda manifold, task, batch, counts_list, *a, **k:
+                        trained.append(len(counts_list)) or real(manifold, task, batch, counts_list, *a, **k))
+    config = nm.FitConfig(steps=7, prefit_steps=1, sampled_every=3, sandwich_every=2, original_distill=False,
+                          eval_every=100)
+    nm.fit(small_manifold, nm.ClassificationTask(10), _loader(), None, config, progress=False)
+    assert trained == [(step % 3 == 0) + (step % 2 == 0) for step in range(7)]  # step 1: the full width alone
+    with pytest.raises(ValueError, match="sampled_every"):
+        nm.FitConfig(sampled_every=0)
+    with pytest.raises(ValueError, match="inplace_distill"):
+        nm.FitConfig(sampled_every=2, inplace_distill=False)
+
+
 def test_full_every_trains_the_full_width_on_every_kth_joint_step_only(small_manifold, monkeypatch):
     task = nm.ClassificationTask(10)
     labelled = []

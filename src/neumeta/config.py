@@ -70,6 +70,7 @@ HELP = {
     "inplace_distill": "in-place distillation: the full width learns the labels, the sampled width its outputs",
     "sandwich": "sandwich rule: the narrowest width of the range is also trained every step",
     "sandwich_every": "train the sandwich's narrowest width on every this many joint steps only (1: every step)",
+    "sampled_every": "train the sampled width on every this many joint steps only (the full width every step)",
     "full_every": "the full width learns the task on every this many joint steps only, a forward-only teacher on the others",
     "original_distill": "the reference (pre-trained) network's outputs also teach every trained width (KD)",
     "train_original": "that teacher is a copy of the reference that goes on learning the same batches (plain Adam), "

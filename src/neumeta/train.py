@@ -137,6 +137,9 @@ class FitConfig:
                                  # on validation: the unseen narrower widths gain most)
     sandwich_every: int = 1      # ... on every this many joint steps only (1: every step): most of the
                                  # sandwich's hold on the narrowest width for a fraction of its cost
+    sampled_every: int = 1       # the sampled width trains on every this many joint steps only (1: every
+                                 # step); the full width, and the sandwich's narrowest on its own steps,
+                                 # as before (inplace_distill): a cheaper step that keeps the teacher learning
     full_every: int = 1          # the full width learns the task on every this many joint steps only
                                  # (1: every step); on the others it runs forward-only, as the in-place
                                  # teacher (and statistics source) alone: no backward through the
@@ -199,6 +202,11 @@ class FitConfig:
                              "the statistics the narrower widths are normalised to")
         if self.calibration_batches < 1:
             raise ValueError(f"calibration_batches must be >= 1, not {self.calibration_batches}")
+        if self.sampled_every < 1:
+            raise ValueError(f"sampled_every must be >= 1 (joint steps between two sampled-width passes), "
+                             f"not {self.sampled_every}")
+        if self.sampled_every > 1 and not self.inplace_distill:
+            raise ValueError("sampled_every > 1 needs inplace_distill: without it a step may train no network")
         if self.full_every < 1:
             raise ValueError(f"full_every must be >= 1 (joint steps between two full-width task updates), "
                              f"not {self.full_every}")
@@ -662,8 +670,8 @@ def changed_options(saved: Mapping, now: Mapping, prefix: str = "", skip: Sequen
 # joint step) resumes under other values of these, so one pre-fit serves several joint recipes
 JOINT_ONLY = ("steps", "joint_lr", "warmup", "fresh_optimizer", "noise_ramp", "width_ramp", "min_width", "max_width",
               "train_calibrated", "calibration_batches",
-              "per_group", "inplace_distill", "sandwich", "sandwich_every", "full_every", "original_distill",
-              "train_original", "l2_weight", "tensor_subset", "eval_widths", "select_widths")
+              "per_group", "inplace_distill", "sandwich", "sandwich_every", "sampled_every", "full_every",
+              "original_distill", "train_original", "l2_weight", "tensor_subset", "eval_widths", "select_widths")
 
 
 def check_resumable(saved: Mapping, config: FitConfig, checkpoint, step: Optional[int] = None) -> None:
@@ -960,7 +968,8 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
             low = trained_min_width(step, config)
             counts = sample_widths(manifold, config, rng, low)
             sandwich = config.sandwich and (step - config.prefit_steps) % config.sandwich_every == 0
-            trained = [counts] + ([narrowest_widths(manifold, config, low)] if sandwich else [])
+            sampled = (step - config.prefit_steps) % config.sampled_every == 0
+            trained = ([counts] if sampled else []) + ([narrowest_widths(manifold, config, low)] if sandwich else [])
             if original is not None:
                 original_outputs = learn_original(original, original_optimizer, task, batch, world)
             elif config.original_distill:
