@@ -20,9 +20,10 @@ def test_the_ratio_is_the_step_times_times_the_compare_schedule(monkeypatch, tmp
                                                                                            0.01 * (len(plain) + 1)))
     monkeypatch.setattr(fit_cost, "prefit_step_seconds", lambda manifold, data, config, steps: 0.02)
     monkeypatch.setattr(fit_cost, "fit_step_seconds",
-                        lambda manifold, data, config, steps: 0.05 * config.full_every)
+                        lambda manifold, data, config, steps: 0.05 * config.sampled_every)
     results = tmp_path / "cost.md"
-    fit_cost.main([str(config), "--full-every", "1", "--full-every", "2", "--rounds", "1", "--steps", "1",
+    fit_cost.main([str(config), "--variant", "", "--variant", "sampled_every=2 sandwich_every=2", "--rounds", "1",
+                   "--steps", "1",
                    "--results", str(results)])
     rows = [line for line in results.read_text().splitlines() if line.startswith("| compare.yaml")]
     assert len(rows) == 2
@@ -30,6 +31,7 @@ def test_the_ratio_is_the_step_times_times_the_compare_schedule(monkeypatch, tmp
     batches = 256 // 64
     matched = 2 + math.ceil(50 / batches)
     individuals = matched * batches * (full + half)
+    assert "(the config's)" in rows[0] and "sampled_every=2 sandwich_every=2" in rows[1]
     for row, joint in zip(rows, (0.05, 0.10)):
         cells = [c.strip() for c in row.split("|")]
         ours = 2 * batches * full + 30 * 0.02 + 50 * joint
