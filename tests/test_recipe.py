@@ -101,6 +101,8 @@ def test_sampled_every_trains_the_sampled_width_on_every_kth_joint_step_only(sma
         nm.FitConfig(sampled_every=0)
     with pytest.raises(ValueError, match="inplace_distill"):
         nm.FitConfig(sampled_every=2, inplace_distill=False)
+    with pytest.raises(ValueError, match="no network"):
+        nm.FitConfig(sampled_every=2, full_every=2)
 
 
 def test_full_every_trains_the_full_width_on_every_kth_joint_step_only(small_manifold, monkeypatch):
