@@ -22,9 +22,8 @@ def test_the_ratio_is_the_step_times_times_the_compare_schedule(monkeypatch, tmp
     monkeypatch.setattr(fit_cost, "fit_step_seconds",
                         lambda manifold, data, config, steps: 0.05 * config.sampled_every)
     results = tmp_path / "cost.md"
-    fit_cost.main([str(config), "--variant", "", "--variant", "sampled_every=2 sandwich_every=2", "--rounds", "1",
-                   "--steps", "1",
-                   "--results", str(results)])
+    fit_cost.main([str(config), "--variant", "", "--variant", "sampled_every=2 sandwich_every=2",
+                   "--rounds", "1", "--steps", "1", "--results", str(results)])
     rows = [line for line in results.read_text().splitlines() if line.startswith("| compare.yaml")]
     assert len(rows) == 2
     full, half = 0.01, 0.02  # the full-width model was timed first

@@ -203,23 +203,20 @@ class FitConfig:
                              "the statistics the narrower widths are normalised to")
         if self.calibration_batches < 1:
             raise ValueError(f"calibration_batches must be >= 1, not {self.calibration_batches}")
-        if self.sampled_every < 1:
-            raise ValueError(f"sampled_every must be >= 1 (joint steps between two sampled-width passes), "
-                             f"not {self.sampled_every}")
-        if self.sampled_every > 1 and not self.inplace_distill:
-            raise ValueError("sampled_every > 1 needs inplace_distill: without it a step may train no network")
-        if self.full_every < 1:
-            raise ValueError(f"full_every must be >= 1 (joint steps between two full-width task updates), "
-                             f"not {self.full_every}")
-        if self.full_every > 1 and not self.inplace_distill:
-            raise ValueError("full_every > 1 needs inplace_distill: without it the full width is not one of the "
-                             "step's trained networks")
+        # (option, its pass, why it needs inplace_distill when above 1; None: it does not)
+        for name, passes, needs_teacher in (
+                ("sandwich_every", "narrowest-width passes", None),
+                ("sampled_every", "sampled-width passes", "without it a step may train no network"),
+                ("full_every", "full-width task updates",
+                 "without it the full width is not one of the step's trained networks")):
+            every = getattr(self, name)
+            if every < 1:
+                raise ValueError(f"{name} must be >= 1 (joint steps between two {passes}), not {every}")
+            if every > 1 and needs_teacher and not self.inplace_distill:
+                raise ValueError(f"{name} > 1 needs inplace_distill: {needs_teacher}")
         if self.full_every > 1 and self.sampled_every > 1:
             raise ValueError(f"full_every ({self.full_every}) and sampled_every ({self.sampled_every}) cannot both "
                              f"be above 1: some steps would train no network")
-        if self.sandwich_every < 1:
-            raise ValueError(f"sandwich_every must be >= 1 (joint steps between two narrowest-width passes), "
-                             f"not {self.sandwich_every}")
         if not 0 < self.tensor_subset <= 1:
             raise ValueError(f"tensor_subset must be in (0, 1] (a fraction of the tensors), not {self.tensor_subset}")
         self.eval_widths = tuple(float(w) for w in self.eval_widths)
@@ -971,17 +968,17 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
         else:
             low = trained_min_width(step, config)
             counts = sample_widths(manifold, config, rng, low)
-            sandwich = config.sandwich and (step - config.prefit_steps) % config.sandwich_every == 0
-            sampled = (step - config.prefit_steps) % config.sampled_every == 0
+            joint_step = step - config.prefit_steps
+            sandwich = config.sandwich and joint_step % config.sandwich_every == 0
+            sampled = joint_step % config.sampled_every == 0
             trained = ([counts] if sampled else []) + ([narrowest_widths(manifold, config, low)] if sandwich else [])
             if original is not None:
                 original_outputs = learn_original(original, original_optimizer, task, batch, world)
             elif config.original_distill:
                 with torch.no_grad():
                     original_outputs = template(batch[0])
-            train_full = (step - config.prefit_steps) % config.full_every == 0
             task_loss, l2 = task_loss_terms(manifold, task, batch, trained, config, original_outputs, full_params,
-                                            subset, train_full)
+                                            subset, train_full=joint_step % config.full_every == 0)
             loss = task_loss + config.recon_weight * recon + config.l2_weight * l2
         finite = torch.isfinite(loss.detach()).float()
         if world > 1:  # every process rolls back together, or none does
