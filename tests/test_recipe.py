@@ -105,6 +105,31 @@ def test_sampled_every_trains_the_sampled_width_on_every_kth_joint_step_only(sma
         nm.FitConfig(sampled_every=2, full_every=2)
 
 
+def test_narrow_batch_runs_each_narrower_width_on_its_own_slice_of_the_batch(small_manifold):
+    inputs = []  # per forward of the template: the images it ran on
+    hook = small_manifold.space.model.register_forward_hook(lambda _m, args, _out: inputs.append(args[0]))
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    config = nm.FitConfig(steps=1, prefit_steps=1, narrow_batch=0.25, original_distill=False, eval_every=100)
+    nm.fit(small_manifold, nm.ClassificationTask(10), TensorLoader(x, y, batch_size=16), None, config,
+           progress=False)
+    hook.remove()
+    teacher, sampled, narrowest = inputs  # the joint step: full width, sampled width, narrowest width
+    assert teacher.shape[0] == 16
+    assert torch.equal(sampled, teacher[:4]) and torch.equal(narrowest, teacher[4:8])
+    assert nm.FitConfig().narrow_batch == 1.0
+    with pytest.raises(ValueError, match="narrow_batch"):
+        nm.FitConfig(narrow_batch=0)
+
+
+def test_batch_rows_takes_the_indexth_slice_and_wraps_to_the_start():
+    from neumeta.train import batch_rows
+    batch = (torch.arange(10), {"logits": torch.arange(10) * 2}, None)
+    first, second, third = (batch_rows(batch, i, 4) for i in range(3))
+    assert first[0].tolist() == [0, 1, 2, 3] and second[1]["logits"].tolist() == [8, 10, 12, 14]
+    assert third[0].tolist() == [0, 1, 2, 3] and third[2] is None  # rows 8-11 run past 10: the first 4
+    assert batch_rows(batch, 1, 10)[0] is batch[0]  # a count covering the batch: all of it
+
+
 def test_full_every_trains_the_full_width_on_every_kth_joint_step_only(small_manifold, monkeypatch):
     task = nm.ClassificationTask(10)
     labelled = []

@@ -141,6 +141,11 @@ class FitConfig:
                                  # step); the full width, and the sandwich's narrowest on its own steps,
                                  # as before (inplace_distill). ResNet-20, every layer, k = 2 or 3: a step
                                  # 13-25 % cheaper, 1.3 points lower at width 0.75 (docs/benchmarks.md)
+    narrow_batch: float = 1.0    # fraction of each batch that each narrower trained network (sampled,
+                                 # narrowest) runs on; the full width, its teacher, always runs on all of
+                                 # it. Networks of one step take disjoint slices where the batch allows,
+                                 # so the step still sees every image: cost falls with the batch, and
+                                 # narrower networks cost nearly as much as the full one on a CPU
     full_every: int = 1          # the full width learns the task on every this many joint steps only
                                  # (1: every step); on the others it runs forward-only, as the in-place
                                  # teacher (and statistics source) alone (inplace_distill). ResNet-20,
@@ -217,6 +222,8 @@ class FitConfig:
         if self.full_every > 1 and self.sampled_every > 1:
             raise ValueError(f"full_every ({self.full_every}) and sampled_every ({self.sampled_every}) cannot both "
                              f"be above 1: some steps would train no network")
+        if not 0 < self.narrow_batch <= 1:
+            raise ValueError(f"narrow_batch must be in (0, 1] (a fraction of each batch), not {self.narrow_batch}")
         if not 0 < self.tensor_subset <= 1:
             raise ValueError(f"tensor_subset must be in (0, 1] (a fraction of the tensors), not {self.tensor_subset}")
         self.eval_widths = tuple(float(w) for w in self.eval_widths)
@@ -546,6 +553,23 @@ def _schedule(config: FitConfig):
     return factor
 
 
+def batch_rows(value, index: int, count: int):
+    """Rows ``[index * count, (index + 1) * count)`` of every tensor in ``value`` (a batch, a network's
+    outputs: tensors in tuples, lists and dicts), wrapping to the first ``count`` rows when they run
+    past the end; all of it when ``count`` covers it."""
+    if isinstance(value, torch.Tensor):
+        total = value.shape[0]
+        if count >= total:
+            return value
+        start = index * count % total
+        return value[start:start + count] if start + count <= total else value[:count]
+    if isinstance(value, Mapping):
+        return {k: batch_rows(v, index, count) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(batch_rows(v, index, count) for v in value)
+    return value
+
+
 def task_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence[Mapping[str, int]],
                     config: FitConfig, original_outputs=None, full_params=None,
                     grad_tensors: Optional[AbstractSet[int]] = None, train_full: bool = True):
@@ -562,6 +586,9 @@ def task_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence
 
     With ``train_calibrated`` the full width's per-channel statistics of this batch are recorded
     and every other trained network runs normalised to them (``neumeta.calibrate.normalized_to``).
+
+    ``narrow_batch`` below 1: the i-th narrower width runs on the i-th slice of that size
+    (``batch_rows``), its teachers' outputs sliced alike.
     """
     template = manifold.space.model
     x = batch[0]
@@ -576,19 +603,21 @@ def task_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence
                 as full_stats, nullcontext() if train_full else torch.no_grad():
             teacher = functional_call(template, full, (x,))
         loss = task.loss(teacher, batch) if train_full else 0.0
-    for counts in counts_list:
+    rows = max(1, round(x.shape[0] * config.narrow_batch))
+    for i, counts in enumerate(counts_list):
         values = manifold.row_values(counts, noise=True, detail=False, grad_tensors=grad_tensors)
         networks = [manifold.params_from_rows(manifold.with_detail(values, counts), counts)]
         if manifold.detail is not None:
             networks.append(manifold.params_from_rows(values, counts))
+        part, part_teacher, part_original = (batch_rows(v, i, rows) for v in (batch, teacher, original_outputs))
         for params in networks:
             with normalized_to(template, manifold.space, counts, full_stats, manifold.coord_config.positions) \
                     if config.train_calibrated else nullcontext():
-                outputs = functional_call(template, params, (x,))
-            loss = loss + (inplace_distillation(task, outputs, teacher) if teacher is not None
-                           else task.loss(outputs, batch))
-            if original_outputs is not None and config.original_distill:
-                loss = loss + task.distill(outputs, original_outputs)
+                outputs = functional_call(template, params, (part[0],))
+            loss = loss + (inplace_distillation(task, outputs, part_teacher) if part_teacher is not None
+                           else task.loss(outputs, part))
+            if part_original is not None and config.original_distill:
+                loss = loss + task.distill(outputs, part_original)
             l2 = l2 + l2_loss(params)
     return loss, l2
 
@@ -672,6 +701,7 @@ def changed_options(saved: Mapping, now: Mapping, prefix: str = "", skip: Sequen
 JOINT_ONLY = ("steps", "joint_lr", "warmup", "fresh_optimizer", "noise_ramp", "width_ramp", "min_width", "max_width",
               "train_calibrated", "calibration_batches",
               "per_group", "inplace_distill", "sandwich", "sandwich_every", "sampled_every", "full_every",
+              "narrow_batch",
               "original_distill", "train_original", "l2_weight", "tensor_subset", "eval_widths", "select_widths")
 
 
