@@ -144,8 +144,10 @@ class FitConfig:
     narrow_batch: float = 1.0    # fraction of each batch that each narrower trained network (sampled,
                                  # narrowest) runs on; the full width, its teacher, always runs on all of
                                  # it. Networks of one step take disjoint slices where the batch allows,
-                                 # so the step still sees every image: cost falls with the batch, and
-                                 # narrower networks cost nearly as much as the full one on a CPU
+                                 # so the step still sees every image. Cost falls with the batch, where
+                                 # on a CPU it barely falls with the width (0.75 wide: 93 % of a full
+                                 # step); ResNet-20, every layer, 0.5: 2.45x a plain step instead of
+                                 # 3.0x, 1.0 point lower at width 0.75 (docs/benchmarks.md)
     full_every: int = 1          # the full width learns the task on every this many joint steps only
                                  # (1: every step); on the others it runs forward-only, as the in-place
                                  # teacher (and statistics source) alone (inplace_distill). ResNet-20,
