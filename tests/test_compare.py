@@ -116,6 +116,22 @@ def test_individual_models_trained_earlier_keep_their_time(compared):
         (folder / "individual.json.done").replace(folder / "individual.json")
 
 
+def test_methods_trained_from_scratch_never_train_the_base_model(tmp_path, monkeypatch):
+    """individual-matched starts from nothing: a run of it alone leaves no base model behind, and
+    its full-width model is trained like the others (the base's epochs would be too few)."""
+    if not fashion_mnist_available():
+        pytest.skip("needs the Fashion-MNIST files (CI installs dataset-fashion-mnist)")
+    trained = []
+    real = compare_module.train_base
+    monkeypatch.setattr(compare_module, "train_base", lambda *a, desc="", **k: trained.append(desc) or real(*a, desc=desc, **k))
+    config = CompareConfig(seeds=(0,), methods=("individual-matched",), epochs=1, widths=(1.0, 0.5), samples=1,
+                           curve_samples=0, out_dir=str(tmp_path), fit=FitConfig(steps=3, prefit_steps=1),
+                           data=DataConfig(train_size=256, eval_size=200, val_size=500, batch_size=64))
+    compare(config)
+    assert not (tmp_path / "seed0" / "base.safetensors").exists()
+    assert trained == ["individual 1", "individual 0.5"]
+
+
 def test_an_unknown_method_is_named(tmp_path):
     with pytest.raises(KeyError, match="prune-l3"):
         compare(CompareConfig(methods=("neumeta", "prune-l3"), out_dir=str(tmp_path)))

@@ -22,8 +22,9 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -33,7 +34,7 @@ from .experiment import DataConfig, build_manifold, count_parameters, load_data,
 from .groups import WidthSpace
 from .inr import INRConfig
 from .io import atomic_write, load_model, save_model
-from .models import width_kwargs
+from .models import create_model, width_kwargs
 from .progress import progress_bar
 from .train import FitConfig, fit
 
@@ -72,15 +73,28 @@ class Trained:
 
 @dataclass
 class Run:
-    """Everything one method's run needs: the options, the data, the base model and the widths."""
+    """Everything one method's run needs: the options, the data, the base model and the widths.
+    The base model is loaded or trained when a method first asks for it: methods trained from
+    scratch (individual-matched, Slimmable, US-Nets, INN) never wait for it."""
     config: CompareConfig
     seed: int
     data: object
-    base: nn.Module
-    base_seconds: float
     space: WidthSpace
     folder: Path
+    load_base: Callable[[], Tuple[nn.Module, float]]  # (base model, seconds its training took)
     trainers: Dict[str, tuple] = field(default_factory=dict)  # (trainer, Trained) of this process, by builder
+
+    @cached_property
+    def _base(self) -> Tuple[nn.Module, float]:
+        return self.load_base()
+
+    @property
+    def base(self) -> nn.Module:
+        return self._base[0]
+
+    @property
+    def base_seconds(self) -> float:
+        return self._base[1]
 
     @property
     def matched_epochs(self) -> int:
@@ -133,7 +147,8 @@ def _individual(run: Run, epochs: int, teacher: Optional[nn.Module] = None) -> T
             seconds += _read_seconds(file) or 0.0
             continue
         started = time.perf_counter()
-        if width == 1.0 and teacher is None and epochs == c.epochs:
+        is_base = width == 1.0 and teacher is None and epochs == c.epochs
+        if is_base:
             model = run.base  # the base model is the full-width individual model
         elif teacher is not None:
             model = train_distilled(c.model, counts, teacher, run.data, epochs, c.lr, seed=run.seed,
@@ -141,7 +156,7 @@ def _individual(run: Run, epochs: int, teacher: Optional[nn.Module] = None) -> T
         else:
             model = train_base(c.model, run.data, epochs, c.lr, run.seed, c.device, desc=f"individual {width:g}",
                                keep_best=True, **width_kwargs(c.model, counts))
-        took = time.perf_counter() - started + (run.base_seconds if model is run.base else 0.0)
+        took = time.perf_counter() - started + (run.base_seconds if is_base else 0.0)
         seconds += took
         _save_timed(model, file, took)
         models[width] = model
@@ -176,7 +191,6 @@ def _from_scratch(key: str, build: Callable[[nn.Module, Run], object],
     ``network(trainer, run)`` picks how it is sampled (default: ``trainer.network``); rows of the
     same ``key`` sample one trained model differently and share its training within a process."""
     def method(run: Run) -> Trained:
-        from .models import create_model
         c = run.config
         if key not in run.trainers:
             torch.manual_seed(run.seed)
@@ -288,12 +302,25 @@ def run_method(name: str, run: Run, log=print) -> dict:
     return result
 
 
+def _base_model(config: CompareConfig, seed: int, data, folder: Path) -> Tuple[nn.Module, float]:
+    """The seed's base model and the seconds its training took: kept in ``folder``, or trained now."""
+    base_file = folder / "base.safetensors"
+    base_seconds = _read_seconds(base_file) if base_file.exists() else None
+    if base_seconds is not None:
+        base = load_model(base_file)
+    else:
+        started = time.perf_counter()
+        base = train_base(config.model, data, config.epochs, config.lr, seed, config.device, desc=f"base {seed}")
+        base_seconds = time.perf_counter() - started
+        _save_timed(base, base_file, base_seconds)
+    return base.to(config.device).eval(), base_seconds
+
+
 def compare(config: CompareConfig, log=print) -> str:
     """Run every (seed, method) not done yet; write and return the table."""
     names = list(config.methods) or list(METHODS)
     if not config.methods:
         from .baselines.slicing import has_batchnorm
-        from .models import create_model
         if not has_batchnorm(create_model(config.model)):
             names = [n for n in names if n not in BATCHNORM_ONLY]
     unknown = [n for n in names if n not in METHODS]
@@ -311,18 +338,11 @@ def compare(config: CompareConfig, log=print) -> str:
                 results[name].append(kept[name])
             continue
         data = load_data(config.data, seed)
-        base_file = folder / "base.safetensors"
-        base_seconds = _read_seconds(base_file) if base_file.exists() else None
-        if base_seconds is not None:
-            base = load_model(base_file)
-        else:
-            started = time.perf_counter()
-            base = train_base(config.model, data, config.epochs, config.lr, seed, config.device, desc=f"base {seed}")
-            base_seconds = time.perf_counter() - started
-            _save_timed(base, base_file, base_seconds)
-        base.to(config.device).eval()
-        space = WidthSpace(base, data.example.to(config.device), groups=config.groups)
-        run = Run(config, seed, data, base, base_seconds, space, folder)
+        with torch.random.fork_rng():  # the widths depend on the architecture only; the seeds stay as they were
+            space = WidthSpace(create_model(config.model).to(config.device).eval(), data.example.to(config.device),
+                               groups=config.groups)
+        run = Run(config, seed, data, space, folder, lambda seed=seed, data=data, folder=folder:
+                  _base_model(config, seed, data, folder))
         for name in names:
             results[name].append(kept[name] if kept[name] is not None else run_method(name, run, log))
     # --methods chooses what runs, not what the table shows: methods an earlier run of this
