@@ -132,6 +132,21 @@ def test_methods_trained_from_scratch_never_train_the_base_model(tmp_path, monke
     assert trained == ["individual 1", "individual 0.5"]
 
 
+def test_the_full_width_individual_model_is_the_base_and_counts_its_time_once(tmp_path):
+    """Run alone, `individual` has the base model trained for it: its width-1 model is that base,
+    with the base's training time, not twice it."""
+    if not fashion_mnist_available():
+        pytest.skip("needs the Fashion-MNIST files (CI installs dataset-fashion-mnist)")
+    import json
+    config = CompareConfig(seeds=(0,), methods=("individual",), epochs=1, widths=(1.0, 0.5), samples=1,
+                           curve_samples=0, out_dir=str(tmp_path),
+                           data=DataConfig(train_size=256, eval_size=200, val_size=500, batch_size=64))
+    compare(config)
+    folder = tmp_path / "seed0"
+    base = json.loads((folder / "base.json").read_text())["seconds"]
+    assert json.loads((folder / "individual_1_e1.json").read_text())["seconds"] == pytest.approx(base)
+
+
 def test_an_unknown_method_is_named(tmp_path):
     with pytest.raises(KeyError, match="prune-l3"):
         compare(CompareConfig(methods=("neumeta", "prune-l3"), out_dir=str(tmp_path)))

@@ -146,17 +146,18 @@ def _individual(run: Run, epochs: int, teacher: Optional[nn.Module] = None) -> T
             models[width] = load_model(file)
             seconds += _read_seconds(file) or 0.0
             continue
-        started = time.perf_counter()
-        is_base = width == 1.0 and teacher is None and epochs == c.epochs
-        if is_base:
-            model = run.base  # the base model is the full-width individual model
-        elif teacher is not None:
-            model = train_distilled(c.model, counts, teacher, run.data, epochs, c.lr, seed=run.seed,
-                                    device=c.device, keep_best=True, desc=f"distilled {width:g}")
+        if width == 1.0 and teacher is None and epochs == c.epochs:
+            # the base model is the full-width individual model (trained now if no method needed it yet)
+            model, took = run.base, run.base_seconds
         else:
-            model = train_base(c.model, run.data, epochs, c.lr, run.seed, c.device, desc=f"individual {width:g}",
-                               keep_best=True, **width_kwargs(c.model, counts))
-        took = time.perf_counter() - started + (run.base_seconds if is_base else 0.0)
+            started = time.perf_counter()
+            if teacher is not None:
+                model = train_distilled(c.model, counts, teacher, run.data, epochs, c.lr, seed=run.seed,
+                                        device=c.device, keep_best=True, desc=f"distilled {width:g}")
+            else:
+                model = train_base(c.model, run.data, epochs, c.lr, run.seed, c.device,
+                                   desc=f"individual {width:g}", keep_best=True, **width_kwargs(c.model, counts))
+            took = time.perf_counter() - started
         seconds += took
         _save_timed(model, file, took)
         models[width] = model
