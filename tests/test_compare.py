@@ -123,7 +123,8 @@ def test_methods_trained_from_scratch_never_train_the_base_model(tmp_path, monke
         pytest.skip("needs the Fashion-MNIST files (CI installs dataset-fashion-mnist)")
     trained = []
     real = compare_module.train_base
-    monkeypatch.setattr(compare_module, "train_base", lambda *a, desc="", **k: trained.append(desc) or real(*a, desc=desc, **k))
+    monkeypatch.setattr(compare_module, "train_base",
+                        lambda *a, desc="", **k: trained.append(desc) or real(*a, desc=desc, **k))
     config = CompareConfig(seeds=(0,), methods=("individual-matched",), epochs=1, widths=(1.0, 0.5), samples=1,
                            curve_samples=0, out_dir=str(tmp_path), fit=FitConfig(steps=3, prefit_steps=1),
                            data=DataConfig(train_size=256, eval_size=200, val_size=500, batch_size=64))

@@ -22,7 +22,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -342,8 +342,7 @@ def compare(config: CompareConfig, log=print) -> str:
         with torch.random.fork_rng():  # the widths depend on the architecture only; the seeds stay as they were
             space = WidthSpace(create_model(config.model).to(config.device).eval(), data.example.to(config.device),
                                groups=config.groups)
-        run = Run(config, seed, data, space, folder, lambda seed=seed, data=data, folder=folder:
-                  _base_model(config, seed, data, folder))
+        run = Run(config, seed, data, space, folder, partial(_base_model, config, seed, data, folder))
         for name in names:
             results[name].append(kept[name] if kept[name] is not None else run_method(name, run, log))
     # --methods chooses what runs, not what the table shows: methods an earlier run of this
