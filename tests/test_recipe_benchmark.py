@@ -180,8 +180,9 @@ def test_ablation_seeds_fit_the_ablation_on_those_seeds_only_and_write_two_table
     assert sorted(s for n, s in fitted if n == "default") == [0, 1, 2]
     assert sorted(s for n, s in fitted if n == "paper") == [0, 1, 2]
     assert [s for n, s in fitted if n == ablation] == [0]
-    candidates = {rb._switched(key, value) for _, key, value in rb.candidate_flips()}
-    assert not candidates & {n for n, _ in fitted}  # candidates run only when named
+    candidates = rb.candidate_names()
+    assert set(rb.COMBINED) <= candidates
+    assert not candidates & {n for n, _ in fitted}  # candidates, combined ones too, run only when named
     main, few = table.split("The ablation and candidates, seed(s) 0")
     assert "3 seed(s) [0, 1, 2]" in main and ablation not in main and "Targets for the default recipe" in main
     assert "| individual models (1 epoch, the base's) | 80.00 (70.0–90.0) |" in main  # every seed's individual models
