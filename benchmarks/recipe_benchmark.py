@@ -128,6 +128,9 @@ COMBINED = {
     # INR alone ends at 87.3), but with the widths and the coordinate noise they settle where the INR
     # does: without the noise, is it the noise that holds them? (docs/recipe.md, "The honest gap")
     "default, grid, no noise": {"inr": {"grid": True}, "coords": {"noise": 0.0}},
+    # the grid without noise in the trained range (where, so, it learned as an INN-style network does),
+    # the noisy INR alone below it (what reaches there)
+    "default, grid in range": {"inr": {"grid": True, "grid_range": True}},
 }
 
 
@@ -479,7 +482,10 @@ def _evaluate_inr_full_width(manifold, data, schedule: Schedule, seed: int, devi
 
 
 def _evaluate_whole_cell(manifold, data, schedule: Schedule, seed: int, config) -> Dict[str, float]:
-    """Test accuracy at the unseen narrower widths with noise over each one's whole cell."""
+    """Test accuracy at the unseen narrower widths with noise over each one's whole cell (none for a
+    grid that serves the trained range only: without the trained range it would serve every width)."""
+    if manifold.grid_range:
+        return {}
     kept, manifold.noise_counts = manifold.noise_counts, None
     try:
         return {str(w): data.task.evaluate(manifold.sample(w, samples=schedule.samples, seed=seed).to(config.device),

@@ -121,6 +121,9 @@ HELP = {
     "detail_fade": "width fraction below the trained range over which the detail table fades out",
     "grid": "add a learned full-width table of plain weights per tensor, read at each row's jittered "
             "coordinates by bilinear interpolation, at every width",
+    "grid_range": "the grid serves the trained range only, read with the INR at the channel centres without "
+                  "noise; below the range it fades out and the INR alone, trained with the noise beside it, "
+                  "takes over",
     # commands
     "base": "the trained full-width model (written by `neumeta train-base`)",
     "checkpoint": "training checkpoint (written atomically at every validation; default: OUT.ckpt)",

@@ -56,6 +56,14 @@ class INRConfig:
         (the INR alone). Measured on LeNet (seed 0, docs/recipe.md): it learns faster, settles at the
         INR's level in the trained range, and is 1.8 points lower at the unseen 75 %: an option for
         experiments. The detail table is the other way to hold plain weights: use one of them.
+    grid_range: the grid serves the trained range only (needs ``grid``). There the INR and the grid
+        are read at the channels' centres, without coordinate noise, and the grid is set when the
+        pre-fit ends so that full width is the reference network. Below the range the grid fades out
+        over ``detail_fade`` of width and the INR alone takes over, read with the noise, as in the
+        default; ``fit`` trains that INR alone beside the grid, at every trained width, with the
+        same teachers. Why: plain weights read without noise learn the trained widths as an
+        INN-style network does (LeNet, seed 0: 2-3 validation points over the default), but give
+        nothing below the range; the noisy INR is what reaches there (docs/recipe.md).
     encoding: how coordinates become the MLPs' input. "powers" (default, the paper's):
         sin/cos(2^k pi v) of each coordinate alone, k < ``frequencies``. "gaussian": random Fourier
         features that mix the in- and out-channel positions (``GaussianFeatures``), their
@@ -86,6 +94,7 @@ class INRConfig:
     detail: bool = False
     detail_fade: float = 0.125
     grid: bool = False
+    grid_range: bool = False
     full_width: str = "best"
     channel_features: int = 0
     precision: str = "float32"
@@ -105,6 +114,8 @@ class INRConfig:
             raise ValueError("detail and residual are two ways of holding the reference's detail: use one of them")
         if self.grid and (self.detail or self.residual != "none"):
             raise ValueError("grid holds plain weights beside the INR, as detail and residual do: use one of them")
+        if self.grid_range and not self.grid:
+            raise ValueError("grid_range says where the grid serves: it needs grid=True")
         if self.channel_features < 0:
             raise ValueError(f"channel_features must be >= 0, not {self.channel_features}")
         if self.precision not in PRECISIONS:

@@ -140,6 +140,11 @@ class WeightManifold(nn.Module):
             self.grid = nn.ParameterList([nn.Parameter(torch.zeros(shape)) for shape in shapes])
 
     @property
+    def grid_range(self) -> bool:
+        """The grid serves the trained range only (``INRConfig.grid_range``)."""
+        return self.grid is not None and self.inr_config.grid_range
+
+    @property
     def full_width_source(self) -> str:
         """What sampling gives at full width: "reference" or "inr" (``INRConfig.full_width``; with
         "best", ``fit``'s choice on validation, ``full_width_choice``, else the reference)."""
@@ -233,27 +238,30 @@ class WeightManifold(nn.Module):
     def row_values(self, counts: Mapping[str, int], noise: bool = False,
                    generator: Optional[torch.Generator] = None,
                    rows: Optional[Sequence[torch.Tensor]] = None, detail: bool = True,
-                   grad_tensors: Optional[AbstractSet[int]] = None) -> List[torch.Tensor]:
+                   grad_tensors: Optional[AbstractSet[int]] = None, grid: bool = True) -> List[torch.Tensor]:
         """The INR's values for every tensor at ``counts`` as [rows, elements] (or only ``rows[i]``).
 
         With ``noise``, every continuous coordinate is jittered by U(-a, a) (cross-model
         smoothness); the layer label never is, and rows always go to their own tensor's block.
-        ``detail=False`` leaves the detail table out (``INRConfig.detail``): the INR alone.
+        ``detail=False`` leaves the detail table out (``INRConfig.detail``), ``grid=False`` the
+        grid (``INRConfig.grid``): the INR alone. With ``INRConfig.grid_range`` the grid is read at
+        the centres, whatever ``noise``.
         ``grad_tensors``: indices into ``specs`` whose INR blocks run with autograd; the others
         run under ``no_grad`` (same values, same noise draw, no backward): ``fit``'s
         ``tensor_subset``. None: all of them.
         """
         tables = self._coordinates(counts)
-        feats, grid = [], []
+        feats, reads = [], []
         for i, (coords, scale) in enumerate(tables):
             if rows is not None:
                 coords = coords[rows[i]]
+            centres = coords
             if noise and self.coord_config.noise > 0 and self.noise_fraction > 0:
                 coords = coords + (2 * self._uniform(coords, generator) - 1) * (scale * self.noise_fraction)
             feats.append(self.fourier(coords, self.specs[i].block))
-            if self.grid is not None:
-                grid.append(self.grid_values(i, coords))
-        values = self._finish(self._inr_outputs(feats, grad_tensors), counts, rows, grid or None)
+            if self.grid is not None and grid:
+                reads.append(self.grid_values(i, centres if self.inr_config.grid_range else coords))
+        values = self._finish(self._inr_outputs(feats, grad_tensors), counts, rows, reads or None)
         return self.with_detail(values, counts, rows) if detail else values
 
     def grid_values(self, i: int, coords: torch.Tensor) -> torch.Tensor:
@@ -367,7 +375,7 @@ class WeightManifold(nn.Module):
 
     @torch.no_grad()
     def mean_row_values(self, counts: Mapping[str, int], samples: int = 50, seed: int = 0,
-                        detail: bool = True, batch_rows: Optional[int] = None) -> List[torch.Tensor]:
+                        detail: bool = True, batch_rows: Optional[int] = None, grid: bool = True) -> List[torch.Tensor]:
         """``row_values`` at ``counts`` averaged over ``samples`` noisy coordinate draws from
         ``seed`` (Eq. 9 of the paper; the noise-free centres where there is one draw or no noise).
 
@@ -375,16 +383,18 @@ class WeightManifold(nn.Module):
         tensor's stacked rows within it (a few large matmuls instead of K small ones: fewer
         launches on a GPU); 0 runs them one by one. Default: 2**17 on a GPU, 0 on a CPU, where
         stacking measured from 1.9x faster to 2x slower with the load. Either way the noise is
-        the same, drawn in ``row_values``' order."""
+        the same, drawn in ``row_values``' order. ``grid=False``: the INR alone, as in ``row_values``."""
+        if self.grid_range and grid:
+            return self._grid_range_values(counts, samples, seed, batch_rows)
         if samples == 1 or self.coord_config.noise == 0:
-            return self.row_values(counts, noise=False, detail=detail)
+            return self.row_values(counts, noise=False, detail=detail, grid=grid)
         if batch_rows is None:
             batch_rows = 1 << 17 if self.device.type == "cuda" else 0
         gen = torch.Generator().manual_seed(seed)
         tables = self._coordinates(counts)
         largest = max(coords.shape[0] for coords, _ in tables)
         per_call = max(1, min(samples, batch_rows // largest)) if batch_rows > 0 else 1
-        total, grid = None, None
+        total, grid_sum = None, None
         for start in range(0, samples, per_call):
             draws = min(per_call, samples - start)
             noise = [[self._uniform(coords, gen) for coords, _ in tables] for _ in range(draws)]
@@ -393,15 +403,38 @@ class WeightManifold(nn.Module):
             feats = [self.fourier(c, self.specs[i].block) for i, c in enumerate(jittered)]
             outputs = [out.reshape(draws, -1, out.shape[-1]).sum(0) for out in self._inr_outputs(feats, None)]
             total = outputs if total is None else [a + b for a, b in zip(total, outputs)]
-            if self.grid is not None:
+            if self.grid is not None and grid:
                 reads = [self.grid_values(i, c).reshape(draws, -1, self.grid[i].shape[-1]).sum(0)
                          for i, c in enumerate(jittered)]
-                grid = reads if grid is None else [a + b for a, b in zip(grid, reads)]
+                grid_sum = reads if grid_sum is None else [a + b for a, b in zip(grid_sum, reads)]
         # every step after the INR is linear, and a residual's reference is the same in every draw:
         # finishing the mean once is finishing each draw and averaging
         values = self._finish([t / samples for t in total], counts,
-                              grid=None if grid is None else [g / samples for g in grid])
+                              grid=None if grid_sum is None else [g / samples for g in grid_sum])
         return self.with_detail(values, counts) if detail else values
+
+    def _grid_range_values(self, counts: Mapping[str, int], samples: int, seed: int,
+                           batch_rows: Optional[int]) -> List[torch.Tensor]:
+        """``mean_row_values`` with ``INRConfig.grid_range``: in the trained range the INR and the grid
+        at the centres, below it the INR alone averaged over the noisy draws, in the fade between the
+        two blended by ``detail_gate`` (continuous in the width)."""
+        gates = [self.detail_gate(s, counts) for s in self.specs]
+        centred = self.row_values(counts, noise=False)
+        if min(gates) == 1.0:
+            return centred
+        alone = self.mean_row_values(counts, samples, seed, batch_rows=batch_rows, grid=False)
+        return [g * c + (1 - g) * a for g, c, a in zip(gates, centred, alone)]
+
+    @torch.no_grad()
+    def anchor_grid(self) -> None:
+        """Set the grid so that the noise-free full width (the INR and the grid at the centres) is the
+        reference network exactly (to float rounding). ``fit`` calls it when the pre-fit ends, with
+        ``INRConfig.grid_range``."""
+        if self.grid is None:
+            raise ValueError("anchor_grid: this manifold has no grid (INRConfig(grid=True))")
+        now = self.row_values(self.space.full, noise=False)
+        for table, reference, value in zip(self.grid, self.original_rows(), now):
+            table.add_((reference - value).reshape(table.shape))
 
     def generate(self, width: Width = 1.0, noise: bool = False,
                  generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:

@@ -292,16 +292,17 @@ def reconstruction_loss(manifold: WeightManifold, targets: Sequence[torch.Tensor
     if fraction < 1:
         rows = [torch.randperm(t.shape[0], device=t.device)[:max(1, min(t.shape[0], max(64, int(fraction * t.shape[0]))))]
                 for t in targets]
-    values = manifold.row_values(manifold.space.full, noise=noise, rows=rows, detail=False, grad_tensors=grad_tensors)
+    values = manifold.row_values(manifold.space.full, noise=noise, rows=rows, detail=False, grad_tensors=grad_tensors,
+                                 grid=not manifold.grid_range)
     return reconstruction_from_values(values, targets, reduction, rows)
 
 
 @torch.no_grad()
 def reconstruction_errors(manifold: WeightManifold) -> Dict[str, float]:
     """Each generated tensor's relative error at full width, ||W - W0|| / ||W0|| (noise-free INR
-    values, no detail table; the absolute ||W|| where W0 is all zeros): which tensors the INR
-    does not hold, whatever the loss's weighting hides."""
-    values = manifold.row_values(manifold.space.full, noise=False, detail=False)
+    values, no detail table, no grid that serves the trained range only; the absolute ||W|| where W0
+    is all zeros): which tensors the INR does not hold, whatever the loss's weighting hides."""
+    values = manifold.row_values(manifold.space.full, noise=False, detail=False, grid=not manifold.grid_range)
     errors = {}
     for spec, v, w0 in zip(manifold.specs, values, manifold.original_rows()):
         w0 = w0.to(v)
@@ -574,7 +575,8 @@ def batch_rows(value, index: int, count: int):
 
 def task_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence[Mapping[str, int]],
                     config: FitConfig, original_outputs=None, full_params=None,
-                    grad_tensors: Optional[AbstractSet[int]] = None, train_full: bool = True):
+                    grad_tensors: Optional[AbstractSet[int]] = None, train_full: bool = True,
+                    alone_full_params=None):
     """(task part of the loss, L_l2 part) for one step's trained widths; see the module docstring.
 
     With in-place distillation the full width's generated parameters can be passed in
@@ -591,7 +593,14 @@ def task_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence
 
     ``narrow_batch`` below 1: the i-th narrower width runs on the i-th slice of that size
     (``batch_rows``), its teachers' outputs sliced alike.
+
+    With a grid that serves the trained range only (``INRConfig.grid_range``) every network is
+    the INR and the grid at the centres, and each narrower width trains a second time as the INR
+    alone with coordinate noise, which is what the widths below the range get; so does the full
+    width where the step generated it for L_recon (``alone_full_params``). The teachers are the
+    same.
     """
+    in_range = manifold.grid_range
     template = manifold.space.model
     x = batch[0]
     loss, l2 = 0.0, 0.0
@@ -599,18 +608,29 @@ def task_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence
     if config.inplace_distill:
         full = full_params
         if full is None:
-            full = manifold.params_from_rows(manifold.row_values(manifold.space.full, noise=True,
+            full = manifold.params_from_rows(manifold.row_values(manifold.space.full, noise=not in_range,
                                                                  grad_tensors=grad_tensors), manifold.space.full)
         with recorded_statistics(template, manifold.space) if config.train_calibrated else nullcontext({}) \
                 as full_stats, nullcontext() if train_full else torch.no_grad():
             teacher = functional_call(template, full, (x,))
         loss = task.loss(teacher, batch) if train_full else 0.0
+    if alone_full_params is not None:
+        outputs = functional_call(template, alone_full_params, (x,))
+        loss = loss + (inplace_distillation(task, outputs, teacher) if teacher is not None else task.loss(outputs, batch))
+        if original_outputs is not None and config.original_distill:
+            loss = loss + task.distill(outputs, original_outputs)
+        l2 = l2 + l2_loss(alone_full_params)
     rows = max(1, round(x.shape[0] * config.narrow_batch))
     for i, counts in enumerate(counts_list):
-        values = manifold.row_values(counts, noise=True, detail=False, grad_tensors=grad_tensors)
-        networks = [manifold.params_from_rows(manifold.with_detail(values, counts), counts)]
-        if manifold.detail is not None:
-            networks.append(manifold.params_from_rows(values, counts))
+        if in_range:
+            networks = [manifold.params_from_rows(manifold.row_values(counts, grad_tensors=grad_tensors), counts),
+                        manifold.params_from_rows(manifold.row_values(counts, noise=True, grad_tensors=grad_tensors,
+                                                                      grid=False), counts)]
+        else:
+            values = manifold.row_values(counts, noise=True, detail=False, grad_tensors=grad_tensors)
+            networks = [manifold.params_from_rows(manifold.with_detail(values, counts), counts)]
+            if manifold.detail is not None:
+                networks.append(manifold.params_from_rows(values, counts))
         part, part_teacher, part_original = (batch_rows(v, i, rows) for v in (batch, teacher, original_outputs))
         for params in networks:
             with normalized_to(template, manifold.space, counts, full_stats, manifold.coord_config.positions) \
@@ -983,9 +1003,16 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
         batch = [t.to(device) for t in next(batches)]
         prefit = step < config.prefit_steps
         manifold.noise_fraction = noise_fraction(step, config)
-        counts, full_params = full, None
+        counts, full_params, alone_full_params = full, None, None
         subset = None if prefit else draw_tensor_subset(manifold, config, rng)
-        if not prefit and config.inplace_distill and config.recon_noise:
+        if not prefit and config.inplace_distill and config.recon_noise and manifold.grid_range:
+            # L_recon on the INR alone with noise, as the default has it; the teacher is the full width
+            # at the centres with the grid, and the INR alone trains at full width as well
+            values = manifold.row_values(full, noise=True, detail=False, grad_tensors=subset, grid=False)
+            recon = reconstruction_from_values(values, targets, config.recon_reduction)
+            alone_full_params = manifold.params_from_rows(values, full)
+            full_params = manifold.params_from_rows(manifold.row_values(full, grad_tensors=subset), full)
+        elif not prefit and config.inplace_distill and config.recon_noise:
             # the teacher's noisy full-width rows are exactly what L_recon needs: one generation,
             # and L_recon on every row instead of a random subset
             values = manifold.row_values(full, noise=True, detail=False, grad_tensors=subset)
@@ -1010,7 +1037,8 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
                 with torch.no_grad():
                     original_outputs = template(batch[0])
             task_loss, l2 = task_loss_terms(manifold, task, batch, trained, config, original_outputs, full_params,
-                                            subset, train_full=joint_step % config.full_every == 0)
+                                            subset, train_full=joint_step % config.full_every == 0,
+                                            alone_full_params=alone_full_params)
             loss = task_loss + config.recon_weight * recon + config.l2_weight * l2
         finite = torch.isfinite(loss.detach()).float()
         if world > 1:  # every process rolls back together, or none does
@@ -1038,6 +1066,11 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
             # the joint phase starts from the reference network exactly
             manifold.anchor_detail()
             ema.anchor_detail()
+        if manifold.grid_range and step + 1 == config.prefit_steps:
+            # the grid took no part in the pre-fit: set it so the joint phase's teacher, the full width at
+            # the centres, starts as the reference network
+            manifold.anchor_grid()
+            ema.anchor_grid()
         if not prefit:
             state["joint_seconds"] += time.perf_counter() - started
             state["joint_steps"] += 1
