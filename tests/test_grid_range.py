@@ -121,3 +121,25 @@ def test_a_fit_starts_its_joint_phase_from_the_reference_and_survives_a_save(tmp
     for width in (1.0, 0.75, 0.25):
         assert torch.equal(loaded.sample(width, samples=5, full_width="inr")(x),
                            result.manifold.sample(width, samples=5, full_width="inr")(x))
+
+
+def test_widths_below_the_range_are_calibrated_to_the_inr_alone():
+    """Calibration measures both full widths: the grid's for the trained range, the INR alone's for
+    the widths below it (whose networks are the INR alone's), their statistics blended in the fade."""
+    from neumeta.calibrate import calibrate
+    manifold, _, x = _manifold()
+    manifold.noise_counts = manifold.space.resolve(0.5)
+    batches = [x[:8], x[8:]]
+    reference = manifold.calibration_reference(batches, samples=3)
+    assert reference.below is not None
+    name = next(iter(reference.statistics))
+    assert not torch.allclose(reference.statistics[name][0], reference.below.statistics[name][0])
+    for width, chosen in ((0.25, reference.below), (0.75, reference)):
+        counts = manifold.space.resolve(width)
+        expected = manifold.sample(width, samples=3)
+        calibrate(expected, chosen, manifold.space, counts, positions=manifold.coord_config.positions)
+        got = manifold.sample(width, samples=3, calibration=reference)
+        assert torch.allclose(got(x), expected(x), atol=1e-5), width
+    half = reference.blended(0.5)
+    mean = half.statistics[name][0]
+    assert torch.allclose(mean, (reference.statistics[name][0] + reference.below.statistics[name][0]) / 2)

@@ -43,6 +43,20 @@ class Reference:
     it calibrates any number of widths (``WeightManifold.calibration_reference``)."""
     inputs: List[torch.Tensor]
     statistics: Dict[str, tuple]  # layer name -> (mean, std) per output channel
+    # a manifold whose grid serves the trained range only (INRConfig.grid_range): the INR alone's full
+    # width on the same inputs, which the widths below the range are the networks of
+    below: Optional["Reference"] = None
+
+    def blended(self, weight: float) -> "Reference":
+        """These statistics times ``weight`` plus ``below``'s times ``1 - weight``: the reference of a
+        network in the fade between the two (``weight`` 1: these, 0: ``below``'s)."""
+        if self.below is None or weight >= 1.0:
+            return self
+        if weight <= 0.0:
+            return self.below
+        mix = {name: tuple(weight * a + (1 - weight) * b for a, b in zip(stats, self.below.statistics[name]))
+               for name, stats in self.statistics.items()}
+        return Reference(self.inputs, mix)
 
 
 def measure_reference(full: nn.Module, space: WidthSpace, batches: Iterable, num_batches: int = 20) -> Reference:

@@ -466,8 +466,13 @@ class WeightManifold(nn.Module):
         # the INR's own full width, also where sampling gives the reference there: narrower widths are
         # the INR's, and it is the INR's statistics they are corrected to (the reference's measured
         # 2-3 points worse at every calibrated width of LeNet)
-        return measure_reference(self.sample(self.space.full, samples, seed, full_width="inr"), self.space, batches,
-                                 num_batches)
+        reference = measure_reference(self.sample(self.space.full, samples, seed, full_width="inr"), self.space,
+                                      batches, num_batches)
+        if self.grid_range:  # below the range the networks are the INR alone's: so is their reference
+            alone = self._module(self.space.full, self.params_from_rows(
+                self.mean_row_values(self.space.full, samples, seed, grid=False), self.space.full))
+            reference.below = measure_reference(alone, self.space, reference.inputs, len(reference.inputs))
+        return reference
 
     @torch.no_grad()
     def sample(self, width: Width = 1.0, samples: int = 50, seed: int = 0, calibration=None,
@@ -493,6 +498,9 @@ class WeightManifold(nn.Module):
             if not isinstance(calibration, Reference):
                 calibration = self.calibration_reference(calibration, samples, seed, calibration_batches)
             module = self._build(counts, samples, seed, source)
+            if self.grid_range:  # the grid's full width in the range, the INR alone's below it, blended between
+                gates = [self.detail_gate(s, counts) for s in self.specs]
+                calibration = calibration.blended(sum(gates) / len(gates))
             module.neumeta_calibration = calibrate(module, calibration, self.space, counts,
                                                    positions=self.coord_config.positions)
             return module
@@ -504,7 +512,10 @@ class WeightManifold(nn.Module):
 
     def _build(self, counts: Mapping[str, int], samples: int, seed: int, source: str) -> nn.Module:
         """The module at ``counts`` with the expected weights, uncalibrated."""
-        params = self.expected_parameters(counts, samples=samples, seed=seed, full_width=source)
+        return self._module(counts, self.expected_parameters(counts, samples=samples, seed=seed, full_width=source))
+
+    def _module(self, counts: Mapping[str, int], params: Mapping[str, torch.Tensor]) -> nn.Module:
+        """A standalone module at ``counts`` holding ``params``."""
         module = self.space.build(counts)
         for name, value in params.items():
             mname, pname = name.rsplit(".", 1)
