@@ -61,7 +61,8 @@ class INRConfig:
         pre-fit ends so that full width is the reference network. Below the range the grid fades out
         over ``detail_fade`` of width and the INR alone takes over, read with the noise, as in the
         default; ``fit`` trains that INR alone beside the grid, at every trained width, with the
-        same teachers. Why: plain weights read without noise learn the trained widths as an
+        same teachers; calibrated sampling corrects the widths below the range to that INR alone's
+        full width (``Reference.below``). Why: plain weights read without noise learn the trained widths as an
         INN-style network does (LeNet, seed 0: 2-3 validation points over the default), but give
         nothing below the range; the noisy INR is what reaches there (docs/recipe.md).
     encoding: how coordinates become the MLPs' input. "powers" (default, the paper's):
