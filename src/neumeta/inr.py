@@ -62,9 +62,10 @@ class INRConfig:
         over ``detail_fade`` of width and the INR alone takes over, read with the noise, as in the
         default; ``fit`` trains that INR alone beside the grid, at every trained width, with the
         same teachers; calibrated sampling corrects the widths below the range to that INR alone's
-        full width (``Reference.below``). Why: plain weights read without noise learn the trained widths as an
-        INN-style network does (LeNet, seed 0: 2-3 validation points over the default), but give
-        nothing below the range; the noisy INR is what reaches there (docs/recipe.md).
+        full width (``Reference.below``). Why: plain weights read without noise learn the trained
+        widths as an INN-style network does (LeNet, seed 0: 2-3 validation points over the
+        default), but give nothing below the range; the noisy INR is what reaches there
+        (docs/recipe.md).
     encoding: how coordinates become the MLPs' input. "powers" (default, the paper's):
         sin/cos(2^k pi v) of each coordinate alone, k < ``frequencies``. "gaussian": random Fourier
         features that mix the in- and out-channel positions (``GaussianFeatures``), their

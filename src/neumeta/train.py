@@ -616,7 +616,8 @@ def task_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence
         loss = task.loss(teacher, batch) if train_full else 0.0
     if alone_full_params is not None:
         outputs = functional_call(template, alone_full_params, (x,))
-        loss = loss + (inplace_distillation(task, outputs, teacher) if teacher is not None else task.loss(outputs, batch))
+        loss = loss + (inplace_distillation(task, outputs, teacher) if teacher is not None
+                       else task.loss(outputs, batch))
         if original_outputs is not None and config.original_distill:
             loss = loss + task.distill(outputs, original_outputs)
         l2 = l2 + l2_loss(alone_full_params)
