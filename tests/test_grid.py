@@ -20,13 +20,7 @@ def _manifold():
 
 
 def _rows_with_and_without_grid(manifold, counts):
-    with_grid = manifold.row_values(counts)
-    saved, manifold.grid = manifold.grid, None
-    try:
-        alone = manifold.row_values(counts)
-    finally:
-        manifold.grid = saved
-    return with_grid, alone
+    return manifold.row_values(counts), manifold.row_values(counts, grid=False)
 
 
 def test_a_fresh_grid_adds_nothing():

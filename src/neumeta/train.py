@@ -614,12 +614,17 @@ def task_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence
                 as full_stats, nullcontext() if train_full else torch.no_grad():
             teacher = functional_call(template, full, (x,))
         loss = task.loss(teacher, batch) if train_full else 0.0
+
+    def taught(loss, outputs, part, part_teacher, part_original):
+        """``loss`` plus a trained network's task terms: its teachers' outputs, or the labels without one."""
+        loss = loss + (inplace_distillation(task, outputs, part_teacher) if part_teacher is not None
+                       else task.loss(outputs, part))
+        if part_original is not None and config.original_distill:
+            loss = loss + task.distill(outputs, part_original)
+        return loss
+
     if alone_full_params is not None:
-        outputs = functional_call(template, alone_full_params, (x,))
-        loss = loss + (inplace_distillation(task, outputs, teacher) if teacher is not None
-                       else task.loss(outputs, batch))
-        if original_outputs is not None and config.original_distill:
-            loss = loss + task.distill(outputs, original_outputs)
+        loss = taught(loss, functional_call(template, alone_full_params, (x,)), batch, teacher, original_outputs)
         l2 = l2 + l2_loss(alone_full_params)
     rows = max(1, round(x.shape[0] * config.narrow_batch))
     for i, counts in enumerate(counts_list):
@@ -637,10 +642,7 @@ def task_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence
             with normalized_to(template, manifold.space, counts, full_stats, manifold.coord_config.positions) \
                     if config.train_calibrated else nullcontext():
                 outputs = functional_call(template, params, (part[0],))
-            loss = loss + (inplace_distillation(task, outputs, part_teacher) if part_teacher is not None
-                           else task.loss(outputs, part))
-            if part_original is not None and config.original_distill:
-                loss = loss + task.distill(outputs, part_original)
+            loss = taught(loss, outputs, part, part_teacher, part_original)
             l2 = l2 + l2_loss(params)
     return loss, l2
 
@@ -1006,19 +1008,19 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
         manifold.noise_fraction = noise_fraction(step, config)
         counts, full_params, alone_full_params = full, None, None
         subset = None if prefit else draw_tensor_subset(manifold, config, rng)
-        if not prefit and config.inplace_distill and config.recon_noise and manifold.grid_range:
-            # L_recon on the INR alone with noise, as the default has it; the teacher is the full width
-            # at the centres with the grid, and the INR alone trains at full width as well
-            values = manifold.row_values(full, noise=True, detail=False, grad_tensors=subset, grid=False)
-            recon = reconstruction_from_values(values, targets, config.recon_reduction)
-            alone_full_params = manifold.params_from_rows(values, full)
-            full_params = manifold.params_from_rows(manifold.row_values(full, grad_tensors=subset), full)
-        elif not prefit and config.inplace_distill and config.recon_noise:
+        if not prefit and config.inplace_distill and config.recon_noise:
             # the teacher's noisy full-width rows are exactly what L_recon needs: one generation,
-            # and L_recon on every row instead of a random subset
-            values = manifold.row_values(full, noise=True, detail=False, grad_tensors=subset)
+            # and L_recon on every row instead of a random subset. With a grid in the trained range only,
+            # those rows are the INR alone's, which trains at full width as well, and the teacher is the
+            # full width at the centres with the grid
+            values = manifold.row_values(full, noise=True, detail=False, grad_tensors=subset,
+                                         grid=not manifold.grid_range)
             recon = reconstruction_from_values(values, targets, config.recon_reduction)
-            full_params = manifold.params_from_rows(manifold.with_detail(values, full), full)
+            if manifold.grid_range:
+                alone_full_params = manifold.params_from_rows(values, full)
+                full_params = manifold.params_from_rows(manifold.row_values(full, grad_tensors=subset), full)
+            else:
+                full_params = manifold.params_from_rows(manifold.with_detail(values, full), full)
         else:
             noise = config.recon_noise if not prefit or config.prefit_noise is None else config.prefit_noise
             recon = reconstruction_loss(manifold, targets, config.recon_rows, noise,
@@ -1062,16 +1064,17 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
             decay = min(config.ema, (1 + step) / (10 + step))
             for e, p in zip(ema.parameters(), manifold.parameters()):
                 e.lerp_(p, 1 - decay)
-        if manifold.detail is not None and step + 1 == config.prefit_steps:
-            # the pre-fit's INR holds the reference only roughly: the detail table takes the rest, so
-            # the joint phase starts from the reference network exactly
-            manifold.anchor_detail()
-            ema.anchor_detail()
-        if manifold.grid_range and step + 1 == config.prefit_steps:
-            # the grid took no part in the pre-fit: set it so the joint phase's teacher, the full width at
-            # the centres, starts as the reference network
-            manifold.anchor_grid()
-            ema.anchor_grid()
+        if step + 1 == config.prefit_steps:
+            if manifold.detail is not None:
+                # the pre-fit's INR holds the reference only roughly: the detail table takes the rest, so
+                # the joint phase starts from the reference network exactly
+                manifold.anchor_detail()
+                ema.anchor_detail()
+            if manifold.grid_range:
+                # the grid took no part in the pre-fit: set it so the joint phase's teacher, the full width
+                # at the centres, starts as the reference network
+                manifold.anchor_grid()
+                ema.anchor_grid()
         if not prefit:
             state["joint_seconds"] += time.perf_counter() - started
             state["joint_steps"] += 1
