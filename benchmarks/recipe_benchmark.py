@@ -131,6 +131,12 @@ COMBINED = {
     # the grid without noise in the trained range (where, so, it learned as an INN-style network does),
     # the noisy INR alone below it (what reaches there)
     "default, grid in range": {"inr": {"grid": True, "grid_range": True}},
+    # the same with the original model teaching the narrower widths for the first half of the joint
+    # steps only: with it the in-range widths ended at the 4-epoch reference's level (88.4 / 88.5 % on
+    # test against 88.1 for the reference; the grid's full width alone passed 90 % without it), and
+    # without it the joint phase fell to chance in its first 30 steps (docs/recipe.md)
+    "default, grid in range, original distillation fading": {"inr": {"grid": True, "grid_range": True},
+                                                             "fit": {"original_fade": 0.5}},
 }
 
 

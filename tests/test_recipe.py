@@ -197,6 +197,54 @@ def test_original_distillation_adds_the_reference_networks_kl(small_manifold, ex
     torch.testing.assert_close(with_teacher - plain, extra)
 
 
+def test_original_fade_scales_the_reference_networks_kl(small_manifold, example):
+    """original_weight multiplies the original-model term only: half the weight, half the extra loss."""
+    task = nm.ClassificationTask(10)
+    batch = (example, torch.tensor([1, 2]))
+    counts = small_manifold.space.resolve(0.5)
+    config = nm.FitConfig(original_distill=True, inplace_distill=False)
+    reference = small_manifold.space.model(example)
+    losses = []
+    for teacher, weight in ((None, 1.0), (reference, 1.0), (reference, 0.5)):
+        torch.manual_seed(3)
+        losses.append(task_loss_terms(small_manifold, task, batch, [counts], config, teacher,
+                                      original_weight=weight)[0])
+    full_term, half_term = losses[1] - losses[0], losses[2] - losses[0]
+    assert full_term.item() > 0
+    torch.testing.assert_close(half_term, 0.5 * full_term)
+
+
+def test_original_fade_falls_linearly_to_zero_over_its_fraction():
+    config = nm.FitConfig(prefit_steps=10, steps=100, original_fade=0.5)
+    weight = [nm.train.original_weight(step, config) for step in range(0, 120)]
+    assert weight[:10] == [1.0] * 10  # the pre-fit has no task terms; the weight is left whole
+    assert weight[10] == pytest.approx(1 - 1 / 50) and weight[34] == pytest.approx(0.5)
+    assert all(a > b for a, b in zip(weight[10:59], weight[11:60]))
+    assert weight[59] == 0.0 and all(w == 0.0 for w in weight[59:])
+    assert nm.train.original_weight(50, nm.FitConfig(prefit_steps=10, steps=100)) == 1.0  # no fade
+    with pytest.raises(ValueError, match="original_fade"):
+        nm.FitConfig(original_fade=1.5)
+    with pytest.raises(ValueError, match="needs original_distill"):
+        nm.FitConfig(original_fade=0.5, original_distill=False)
+
+
+def test_a_faded_out_reference_runs_no_forward_pass(small_manifold, monkeypatch):
+    """After the fade the reference network is not run: its outputs would teach nothing."""
+    model = small_manifold.space.model
+    state = copy.deepcopy(small_manifold.state_dict())
+
+    def forward_calls(fade):
+        small_manifold.load_state_dict(state)
+        calls = []
+        monkeypatch.setattr(model, "forward", lambda x, _f=type(model).forward: calls.append(1) or _f(model, x))
+        config = nm.FitConfig(steps=4, prefit_steps=1, original_fade=fade, eval_every=100)
+        nm.fit(small_manifold, nm.ClassificationTask(10), _loader(), None, config, progress=False)
+        return len(calls)
+
+    # joint steps 1-3 are past the fade (weight 1 - 2/2 = 0 from the second of the 4 joint steps on)
+    assert forward_calls(0.0) - forward_calls(0.5) == 3
+
+
 def test_fit_with_original_distillation_and_sandwich_runs(small_manifold):
     config = nm.FitConfig(steps=3, prefit_steps=1, original_distill=True, sandwich=True, inplace_distill=True,
                           eval_every=100)

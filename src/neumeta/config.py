@@ -75,6 +75,8 @@ HELP = {
                     "width always on the whole batch): a cheaper step",
     "full_every": "the full width learns the task on every this many joint steps only, a forward-only teacher on the others",
     "original_distill": "the reference (pre-trained) network's outputs also teach every trained width (KD)",
+    "original_fade": "fraction of the joint steps over which the reference's distillation fades out linearly "
+                     "(0: never); stable at the start, then the widths may pass the reference",
     "train_original": "that teacher is a copy of the reference that goes on learning the same batches (plain Adam), "
                       "as an individual model would (on LeNet: level in range, lower at unseen widths)",
     "recon_reduction": "reconstruction loss per tensor: mean over elements, sum (the paper's squared norms), or "

@@ -155,6 +155,9 @@ class FitConfig:
     original_distill: bool = True   # the reference (pre-trained) network's outputs also teach
                                     # every trained width (KD); chosen on validation over 3 seeds:
                                     # +0.35 at full width, +0.37 at 0.5, +0.41 at the unseen 0.25
+    original_fade: float = 0.0      # fraction of the joint steps over which that distillation fades out
+                                    # linearly, full weight to none (0: it never fades): it keeps the start
+                                    # of the joint phase stable, and the widths may then pass the reference
     train_original: bool = False    # that teacher is a copy of the reference that goes on learning
                                     # the same batches (Adam at lr, constant), as an individual model
                                     # would; the reference itself (full width, L_recon) stays. On
@@ -201,6 +204,10 @@ class FitConfig:
             raise ValueError(f"joint_lr must be > 0 (or None: lr), not {self.joint_lr}")
         if not 0 < self.guard_lr_factor < 1:
             raise ValueError(f"guard_lr_factor must be in (0, 1), not {self.guard_lr_factor}")
+        if not 0 <= self.original_fade <= 1:
+            raise ValueError(f"original_fade must be in [0, 1] (a fraction of the joint steps), not {self.original_fade}")
+        if self.original_fade and not self.original_distill:
+            raise ValueError("original_fade fades out original-model distillation: it needs original_distill")
         if not 0 <= self.noise_ramp <= 1:
             raise ValueError(f"noise_ramp must be in [0, 1] (a fraction of the joint steps), not {self.noise_ramp}")
         if not 0 <= self.width_ramp <= 1:
@@ -542,6 +549,14 @@ def noise_fraction(step: int, config: FitConfig) -> float:
     return ramp_progress(step, config.noise_ramp, config)
 
 
+def original_weight(step: int, config: FitConfig) -> float:
+    """The weight of original-model distillation at a joint step: 1, or falling linearly to 0 over
+    ``original_fade`` of the joint steps (0 after them)."""
+    if not config.original_fade or step < config.prefit_steps:
+        return 1.0
+    return 1.0 - ramp_progress(step, config.original_fade, config)
+
+
 def _schedule(config: FitConfig):
     warm = max(1, int(config.warmup * config.steps))
     joint = 1.0 if config.joint_lr is None else config.joint_lr / config.lr  # the factor is of ``lr``
@@ -576,13 +591,14 @@ def batch_rows(value, index: int, count: int):
 def task_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence[Mapping[str, int]],
                     config: FitConfig, original_outputs=None, full_params=None,
                     grad_tensors: Optional[AbstractSet[int]] = None, train_full: bool = True,
-                    alone_full_params=None):
+                    alone_full_params=None, original_weight: float = 1.0):
     """(task part of the loss, L_l2 part) for one step's trained widths; see the module docstring.
 
     With in-place distillation the full width's generated parameters can be passed in
     (``full_params``), so the step that also uses them for L_recon generates them once.
     ``grad_tensors``: the tensors whose INR blocks get gradients (``tensor_subset``; None: all).
     ``train_full`` False (``full_every``): the full width runs forward-only, a teacher alone.
+    ``original_weight`` scales the original-model distillation terms (``original_fade``).
 
     A manifold with a detail table (``INRConfig.detail``) trains each width twice from one
     generation: with the table, and the INR alone, which is what the widths below the trained
@@ -620,7 +636,7 @@ def task_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence
         loss = loss + (inplace_distillation(task, outputs, part_teacher) if part_teacher is not None
                        else task.loss(outputs, part))
         if part_original is not None and config.original_distill:
-            loss = loss + task.distill(outputs, part_original)
+            loss = loss + original_weight * task.distill(outputs, part_original)
         return loss
 
     if alone_full_params is not None:
@@ -727,7 +743,7 @@ JOINT_ONLY = ("steps", "joint_lr", "warmup", "fresh_optimizer", "noise_ramp", "w
               "train_calibrated", "calibration_batches",
               "per_group", "inplace_distill", "sandwich", "sandwich_every", "sampled_every", "full_every",
               "narrow_batch",
-              "original_distill", "train_original", "l2_weight", "tensor_subset", "eval_widths", "select_widths")
+              "original_distill", "original_fade", "train_original", "l2_weight", "tensor_subset", "eval_widths", "select_widths")
 
 
 def check_resumable(saved: Mapping, config: FitConfig, checkpoint, step: Optional[int] = None) -> None:
@@ -1036,12 +1052,15 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
             trained = ([counts] if sampled else []) + ([narrowest_widths(manifold, config, low)] if sandwich else [])
             if original is not None:
                 original_outputs = learn_original(original, original_optimizer, task, batch, world)
-            elif config.original_distill:
+            elif config.original_distill and original_weight(step, config) > 0:
                 with torch.no_grad():
                     original_outputs = template(batch[0])
+            else:  # faded out: no teacher's forward pass
+                original_outputs = None
             task_loss, l2 = task_loss_terms(manifold, task, batch, trained, config, original_outputs, full_params,
                                             subset, train_full=joint_step % config.full_every == 0,
-                                            alone_full_params=alone_full_params)
+                                            alone_full_params=alone_full_params,
+                                            original_weight=original_weight(step, config))
             loss = task_loss + config.recon_weight * recon + config.l2_weight * l2
         finite = torch.isfinite(loss.detach()).float()
         if world > 1:  # every process rolls back together, or none does
