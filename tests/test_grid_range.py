@@ -143,3 +143,55 @@ def test_widths_below_the_range_are_calibrated_to_the_inr_alone():
     half = reference.blended(0.5)
     mean = half.statistics[name][0]
     assert torch.allclose(mean, (reference.statistics[name][0] + reference.below.statistics[name][0]) / 2)
+
+
+def test_grid_lr_puts_the_grid_in_its_own_group_at_its_own_peak_rate():
+    manifold, _, _ = _manifold()
+    config = FitConfig(prefit_steps=10, steps=100, joint_lr=2e-4, grid_lr=1e-3, warmup=0.1)
+    groups, schedules = train.optimizer_groups(manifold, config)
+    grid = {id(p) for p in manifold.grid.parameters()}
+    assert {id(p) for p in groups[1]["params"]} == grid
+    assert not grid & {id(p) for p in groups[0]["params"]}
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(manifold.parameters()))
+    peak = 10 + 9  # the last warm-up step
+    assert config.lr * schedules[0](peak) == pytest.approx(2e-4)
+    assert config.lr * schedules[1](peak) == pytest.approx(1e-3)
+    assert schedules[0](5) == schedules[1](5) == 1.0  # the pre-fit: the INR's rate (the grid sits it out)
+    one, _ = train.optimizer_groups(manifold, FitConfig())
+    assert len(one) == 1
+    with pytest.raises(ValueError, match="grid_lr .* no grid"):
+        train.optimizer_groups(build_manifold(nm.create_model("lenet"), torch.randn(2, 1, 28, 28),
+                                              nm.INRConfig(hidden=16, depth=3, frequencies=2), log=lambda *a: None),
+                               FitConfig(grid_lr=1e-3))
+
+
+
+@pytest.mark.filterwarnings("ignore::neumeta.PoorReconstructionWarning")
+def test_a_fit_with_grid_lr_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    """Both parameter groups and their rates survive the checkpoint: a fit stopped after its third
+    joint step and resumed ends where an uninterrupted one does."""
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    config = FitConfig(prefit_steps=1, steps=4, eval_every=2, joint_lr=2e-4, grid_lr=1e-3, seed=0)
+
+    def run(checkpoint=None, resume=False):
+        manifold, _, _ = _manifold()
+        return nm.fit(manifold, nm.ClassificationTask(10), TensorLoader(x, y, batch_size=8), None, config,
+                      checkpoint=checkpoint, resume=resume, progress=False).manifold
+
+    whole = run()
+    real, calls = train.task_loss_terms, []
+
+    def stopping(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train, "task_loss_terms", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        run(str(tmp_path / "fit.ckpt"))
+    later = []
+    monkeypatch.setattr(train, "task_loss_terms", lambda *a, **k: later.append(1) or real(*a, **k))
+    resumed = run(str(tmp_path / "fit.ckpt"), resume="auto")
+    assert 0 < len(later) < 4  # it went on from the checkpoint, not from the start
+    for a, b in zip(whole.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b)

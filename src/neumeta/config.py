@@ -54,6 +54,7 @@ HELP = {
     "noise_ramp": "fraction of the joint steps over which the coordinate noise grows from none to --noise "
                   "(0: all at once); for an INR pre-fitted without noise (--no-prefit-noise)",
     "joint_lr": "peak learning rate of the joint phase (default: fit_lr, which the pre-fit always uses)",
+    "grid_lr": "peak joint-phase learning rate of the grid's plain weights (--grid; default: the INR's)",
     "warmup": "fraction of the joint steps with a linear learning-rate warm-up",
     "fresh_optimizer": "restart Adam's moments when the joint phase begins (after the pre-fit's small gradients "
                        "the first joint steps overshoot; on LeNet a smaller early fall, the same end)",

@@ -101,6 +101,9 @@ class FitConfig:
     joint_lr: Optional[float] = None  # peak learning rate of the joint phase (None: lr); an INR that
                                  # holds every tensor exactly (64 features, noise-free pre-fit) is
                                  # wrecked by 1e-3 in the joint phase but learns at 1e-4 (ResNet-20)
+    grid_lr: Optional[float] = None  # peak joint-phase rate of the grid's plain weights (INRConfig.grid;
+                                 # None: the INR's): plain weights learn at an individual model's rate
+                                 # while the INR, which one step moves everywhere, may need less
     warmup: float = 0.1          # fraction of joint steps with a linear LR warm-up
     fresh_optimizer: bool = False  # restart Adam's moment estimates when the joint phase begins: the
                                  # pre-fit ends on small reconstruction gradients, so the second-moment
@@ -200,6 +203,8 @@ class FitConfig:
             raise ValueError(f"ema must be in [0, 1), not {self.ema}")
         if self.recon_reduction not in ("mean", "sum", "relative"):
             raise ValueError(f"recon_reduction must be 'mean', 'sum' or 'relative', not {self.recon_reduction!r}")
+        if self.grid_lr is not None and not self.grid_lr > 0:
+            raise ValueError(f"grid_lr must be > 0 (or None: the INR's joint rate), not {self.grid_lr}")
         if self.joint_lr is not None and not self.joint_lr > 0:
             raise ValueError(f"joint_lr must be > 0 (or None: lr), not {self.joint_lr}")
         if not 0 < self.guard_lr_factor < 1:
@@ -571,6 +576,20 @@ def _schedule(config: FitConfig):
     return factor
 
 
+def optimizer_groups(manifold: WeightManifold, config: FitConfig):
+    """(Adam's parameter groups, their rate schedules): one group, or with ``grid_lr`` the grid's
+    plain weights in a second one whose joint phase peaks at that rate."""
+    if config.grid_lr is None:
+        return [{"params": list(manifold.parameters())}], [_schedule(config)]
+    if manifold.grid is None:
+        raise ValueError("grid_lr is the rate of the grid's plain weights, and this manifold has no grid "
+                         "(INRConfig(grid=True), --grid)")
+    grid = {id(p) for p in manifold.grid.parameters()}
+    return ([{"params": [p for p in manifold.parameters() if id(p) not in grid]},
+             {"params": list(manifold.grid.parameters())}],
+            [_schedule(config), _schedule(dataclasses.replace(config, joint_lr=config.grid_lr))])
+
+
 def batch_rows(value, index: int, count: int):
     """Rows ``[index * count, (index + 1) * count)`` of every tensor in ``value`` (a batch, a network's
     outputs: tensors in tuples, lists and dicts), wrapping to the first ``count`` rows when they run
@@ -887,8 +906,9 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
     ema = copy.deepcopy(manifold, memo={id(manifold.space): manifold.space})
     for p in ema.parameters():
         p.requires_grad_(False)
-    optimizer = torch.optim.Adam(manifold.parameters(), lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
+    groups, schedules = optimizer_groups(manifold, config)
+    optimizer = torch.optim.Adam(groups, lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
     total = config.prefit_steps + config.steps
     state = {"step": 0, "best_score": -math.inf, "best_step": -1, "best": None, "history": [],
              "rollbacks": [], "last_scores": {}, "joint_seconds": 0.0, "joint_steps": 0,
