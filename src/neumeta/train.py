@@ -210,7 +210,8 @@ class FitConfig:
         if not 0 < self.guard_lr_factor < 1:
             raise ValueError(f"guard_lr_factor must be in (0, 1), not {self.guard_lr_factor}")
         if not 0 <= self.original_fade <= 1:
-            raise ValueError(f"original_fade must be in [0, 1] (a fraction of the joint steps), not {self.original_fade}")
+            raise ValueError(f"original_fade must be in [0, 1] (a fraction of the joint steps), "
+                             f"not {self.original_fade}")
         if self.original_fade and not self.original_distill:
             raise ValueError("original_fade fades out original-model distillation: it needs original_distill")
         if not 0 <= self.noise_ramp <= 1:
@@ -762,7 +763,8 @@ JOINT_ONLY = ("steps", "joint_lr", "warmup", "fresh_optimizer", "noise_ramp", "w
               "train_calibrated", "calibration_batches",
               "per_group", "inplace_distill", "sandwich", "sandwich_every", "sampled_every", "full_every",
               "narrow_batch",
-              "original_distill", "original_fade", "train_original", "l2_weight", "tensor_subset", "eval_widths", "select_widths")
+              "original_distill", "original_fade", "train_original", "l2_weight", "tensor_subset", "eval_widths",
+              "select_widths")
 
 
 def check_resumable(saved: Mapping, config: FitConfig, checkpoint, step: Optional[int] = None) -> None:
