@@ -165,7 +165,6 @@ def test_grid_lr_puts_the_grid_in_its_own_group_at_its_own_peak_rate():
                                FitConfig(grid_lr=1e-3))
 
 
-
 @pytest.mark.filterwarnings("ignore::neumeta.PoorReconstructionWarning")
 def test_a_fit_with_grid_lr_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     """Both parameter groups and their rates survive the checkpoint: a fit stopped after its third

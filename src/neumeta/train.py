@@ -1072,17 +1072,17 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
             sandwich = config.sandwich and joint_step % config.sandwich_every == 0
             sampled = joint_step % config.sampled_every == 0
             trained = ([counts] if sampled else []) + ([narrowest_widths(manifold, config, low)] if sandwich else [])
+            weight = original_weight(step, config)
             if original is not None:
                 original_outputs = learn_original(original, original_optimizer, task, batch, world)
-            elif config.original_distill and original_weight(step, config) > 0:
+            elif config.original_distill and weight > 0:
                 with torch.no_grad():
                     original_outputs = template(batch[0])
             else:  # faded out: no teacher's forward pass
                 original_outputs = None
             task_loss, l2 = task_loss_terms(manifold, task, batch, trained, config, original_outputs, full_params,
                                             subset, train_full=joint_step % config.full_every == 0,
-                                            alone_full_params=alone_full_params,
-                                            original_weight=original_weight(step, config))
+                                            alone_full_params=alone_full_params, original_weight=weight)
             loss = task_loss + config.recon_weight * recon + config.l2_weight * l2
         finite = torch.isfinite(loss.detach()).float()
         if world > 1:  # every process rolls back together, or none does
