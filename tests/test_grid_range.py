@@ -194,3 +194,45 @@ def test_a_fit_with_grid_lr_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     assert 0 < len(later) < 4  # it went on from the checkpoint, not from the start
     for a, b in zip(whole.parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b)
+
+
+def _inr_and_grid_gradients(manifold, x, y, config, grid_std):
+    """The INR's and the grid's gradients of one step's task terms, the grid drawn at ``grid_std``."""
+    manifold.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        for table in manifold.grid:
+            table.normal_(std=grid_std)
+    counts = [manifold.space.resolve(0.75), manifold.space.resolve(0.5)]
+    loss, l2 = train.task_loss_terms(manifold, nm.ClassificationTask(10), (x, y), counts, config)
+    (loss + l2).backward()
+    inr = [p.grad.clone() for p in manifold.inr.parameters() if p.grad is not None]
+    grid = [t.grad.clone() for t in manifold.grid]
+    return inr, grid
+
+
+@pytest.mark.parametrize("only", [True, False])
+def test_grid_only_in_range_keeps_the_in_range_networks_gradients_off_the_inr(only):
+    """Labels alone (no teacher): the INR alone's terms do not read the grid, so with the option the
+    INR's gradient cannot depend on it; without it the in-range networks' terms reach the INR too."""
+    manifold, _, x = _manifold()
+    y = torch.randint(0, 10, (16,))
+    config = FitConfig(inplace_distill=False, original_distill=False, grid_only_in_range=only)
+    torch.manual_seed(5)
+    inr_a, grid_a = _inr_and_grid_gradients(manifold, x, y, config, 0.1)
+    torch.manual_seed(5)  # the same coordinate noise for the INR alone
+    inr_b, _ = _inr_and_grid_gradients(manifold, x, y, config, 0.3)
+    assert inr_a and all(g.abs().sum() > 0 for g in grid_a)  # both learn
+    same = all(torch.allclose(a, b, atol=1e-7) for a, b in zip(inr_a, inr_b))
+    assert same == only
+
+
+def test_grid_only_in_range_needs_a_grid_in_range():
+    torch.manual_seed(0)
+    model, x = nm.create_model("lenet").eval(), torch.randn(8, 1, 28, 28)
+    manifold = build_manifold(model, x[:2], nm.INRConfig(hidden=16, depth=3, frequencies=2, grid=True),
+                              log=lambda *a: None)
+    y = torch.randint(0, 10, (8,))
+    with pytest.raises(ValueError, match="grid_only_in_range .* grid_range=True"):
+        nm.fit(manifold, nm.ClassificationTask(10), TensorLoader(x, y, batch_size=8), None,
+               FitConfig(prefit_steps=1, steps=1, grid_only_in_range=True), progress=False)

@@ -55,6 +55,8 @@ HELP = {
                   "(0: all at once); for an INR pre-fitted without noise (--no-prefit-noise)",
     "joint_lr": "peak learning rate of the joint phase (default: fit_lr, which the pre-fit always uses)",
     "grid_lr": "peak joint-phase learning rate of the grid's plain weights (--grid; default: the INR's)",
+    "grid_only_in_range": "with --grid-range, only the grid learns from the in-range networks; the INR learns as "
+                          "the INR alone with noise, the network below the range, as without a grid",
     "warmup": "fraction of the joint steps with a linear learning-rate warm-up",
     "fresh_optimizer": "restart Adam's moments when the joint phase begins (after the pre-fit's small gradients "
                        "the first joint steps overshoot; on LeNet a smaller early fall, the same end)",

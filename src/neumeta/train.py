@@ -104,6 +104,10 @@ class FitConfig:
     grid_lr: Optional[float] = None  # peak joint-phase rate of the grid's plain weights (INRConfig.grid;
                                  # None: the INR's): plain weights learn at an individual model's rate
                                  # while the INR, which one step moves everywhere, may need less
+    grid_only_in_range: bool = False  # with a grid in the trained range only (INRConfig.grid_range), the
+                                 # in-range networks' gradients reach the grid alone: the INR learns only
+                                 # as the INR alone with noise, the network below the range, as in the
+                                 # default, and the grid learns what the range needs beyond it
     warmup: float = 0.1          # fraction of joint steps with a linear LR warm-up
     fresh_optimizer: bool = False  # restart Adam's moment estimates when the joint phase begins: the
                                  # pre-fit ends on small reconstruction gradients, so the second-moment
@@ -608,6 +612,18 @@ def batch_rows(value, index: int, count: int):
     return value
 
 
+def in_range_grad_tensors(manifold: WeightManifold, config: FitConfig,
+                          grad_tensors: Optional[AbstractSet[int]]) -> Optional[AbstractSet[int]]:
+    """The tensors whose INR blocks get gradients from the in-range networks (the INR and the grid at
+    the centres, ``INRConfig.grid_range``): none with ``grid_only_in_range``, else ``grad_tensors``."""
+    if not config.grid_only_in_range:
+        return grad_tensors
+    if not manifold.grid_range:
+        raise ValueError("grid_only_in_range says who learns the trained range, the grid alone: it needs a grid "
+                         "that serves the trained range only (INRConfig(grid=True, grid_range=True), --grid --grid-range)")
+    return frozenset()
+
+
 def task_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence[Mapping[str, int]],
                     config: FitConfig, original_outputs=None, full_params=None,
                     grad_tensors: Optional[AbstractSet[int]] = None, train_full: bool = True,
@@ -637,6 +653,7 @@ def task_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence
     same.
     """
     in_range = manifold.grid_range
+    range_grad = in_range_grad_tensors(manifold, config, grad_tensors)
     template = manifold.space.model
     x = batch[0]
     loss, l2 = 0.0, 0.0
@@ -645,7 +662,7 @@ def task_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence
         full = full_params
         if full is None:
             full = manifold.params_from_rows(manifold.row_values(manifold.space.full, noise=not in_range,
-                                                                 grad_tensors=grad_tensors), manifold.space.full)
+                                                                 grad_tensors=range_grad), manifold.space.full)
         with recorded_statistics(template, manifold.space) if config.train_calibrated else nullcontext({}) \
                 as full_stats, nullcontext() if train_full else torch.no_grad():
             teacher = functional_call(template, full, (x,))
@@ -665,7 +682,7 @@ def task_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence
     rows = max(1, round(x.shape[0] * config.narrow_batch))
     for i, counts in enumerate(counts_list):
         if in_range:
-            networks = [manifold.params_from_rows(manifold.row_values(counts, grad_tensors=grad_tensors), counts),
+            networks = [manifold.params_from_rows(manifold.row_values(counts, grad_tensors=range_grad), counts),
                         manifold.params_from_rows(manifold.row_values(counts, noise=True, grad_tensors=grad_tensors,
                                                                       grid=False), counts)]
         else:
@@ -760,6 +777,7 @@ def changed_options(saved: Mapping, now: Mapping, prefix: str = "", skip: Sequen
 # options that only the joint phase reads: a checkpoint written when the pre-fit ended (before any
 # joint step) resumes under other values of these, so one pre-fit serves several joint recipes
 JOINT_ONLY = ("steps", "joint_lr", "warmup", "fresh_optimizer", "noise_ramp", "width_ramp", "min_width", "max_width",
+              "grid_only_in_range",
               "train_calibrated", "calibration_batches",
               "per_group", "inplace_distill", "sandwich", "sandwich_every", "sampled_every", "full_every",
               "narrow_batch",
@@ -909,6 +927,7 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
     for p in ema.parameters():
         p.requires_grad_(False)
     groups, schedules = optimizer_groups(manifold, config)
+    in_range_grad_tensors(manifold, config, None)  # a bad combination fails now, not after the pre-fit
     optimizer = torch.optim.Adam(groups, lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
     total = config.prefit_steps + config.steps
@@ -1056,7 +1075,8 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
             recon = reconstruction_from_values(values, targets, config.recon_reduction)
             if manifold.grid_range:
                 alone_full_params = manifold.params_from_rows(values, full)
-                full_params = manifold.params_from_rows(manifold.row_values(full, grad_tensors=subset), full)
+                full_params = manifold.params_from_rows(
+                    manifold.row_values(full, grad_tensors=in_range_grad_tensors(manifold, config, subset)), full)
             else:
                 full_params = manifold.params_from_rows(manifold.with_detail(values, full), full)
         else:
