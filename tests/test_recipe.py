@@ -105,6 +105,20 @@ def test_sampled_every_trains_the_sampled_width_on_every_kth_joint_step_only(sma
         nm.FitConfig(sampled_every=2, full_every=2)
 
 
+def test_sampled_widths_trains_that_many_random_widths_each_joint_step(small_manifold, monkeypatch):
+    trained = []  # per joint step: the widths trained beside the full width
+    real = nm.train.task_loss_terms
+    monkeypatch.setattr(nm.train, "task_loss_terms", lambda manifold, task, batch, counts_list, *a, **k:
+                        trained.append([dict(c) for c in counts_list]) or real(manifold, task, batch, counts_list,
+                                                                                *a, **k))
+    config = nm.FitConfig(steps=4, prefit_steps=1, sampled_widths=3, original_distill=False, eval_every=100)
+    nm.fit(small_manifold, nm.ClassificationTask(10), _loader(), None, config, progress=False)
+    assert [len(step) for step in trained] == [3 + 1] * 4  # three random widths and the sandwich's narrowest
+    assert any(step[0] != step[1] or step[1] != step[2] for step in trained)  # drawn apart, not one copied
+    with pytest.raises(ValueError, match="sampled_widths"):
+        nm.FitConfig(sampled_widths=0)
+
+
 def test_narrow_batch_runs_each_narrower_width_on_its_own_slice_of_the_batch(small_manifold):
     inputs = []  # per forward of the template: the images it ran on
     hook = small_manifold.space.model.register_forward_hook(lambda _m, args, _out: inputs.append(args[0]))

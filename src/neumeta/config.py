@@ -74,6 +74,7 @@ HELP = {
     "sandwich": "sandwich rule: the narrowest width of the range is also trained every step",
     "sandwich_every": "train the sandwich's narrowest width on every this many joint steps only (1: every step)",
     "sampled_every": "train the sampled width on every this many joint steps only (the full width every step)",
+    "sampled_widths": "random widths drawn and trained per joint step, besides the full and the narrowest width",
     "narrow_batch": "fraction of each batch each narrower trained network runs on (disjoint slices; the full "
                     "width always on the whole batch): a cheaper step",
     "full_every": "the full width learns the task on every this many joint steps only, a forward-only teacher on the others",

@@ -148,6 +148,10 @@ class FitConfig:
                                  # step); the full width, and the sandwich's narrowest on its own steps,
                                  # as before (inplace_distill). ResNet-20, every layer, k = 2 or 3: a step
                                  # 13-25 % cheaper, 1.3 points lower at width 0.75 (docs/benchmarks.md)
+    sampled_widths: int = 1      # random widths drawn and trained per joint step, besides the full width
+                                 # and the sandwich's narrowest (universally slimmable networks train
+                                 # two): the middle of the range trained more often, each costing a
+                                 # narrower network's forward and backward
     narrow_batch: float = 1.0    # fraction of each batch that each narrower trained network (sampled,
                                  # narrowest) runs on; the full width, its teacher, always runs on all of
                                  # it. Networks of one step take disjoint slices where the batch allows,
@@ -238,6 +242,9 @@ class FitConfig:
                 raise ValueError(f"{name} must be >= 1 (joint steps between two {passes}), not {every}")
             if every > 1 and needs_teacher and not self.inplace_distill:
                 raise ValueError(f"{name} > 1 needs inplace_distill: {needs_teacher}")
+        if self.sampled_widths < 1:
+            raise ValueError(f"sampled_widths must be >= 1 (random widths trained per joint step), "
+                             f"not {self.sampled_widths}")
         if self.full_every > 1 and self.sampled_every > 1:
             raise ValueError(f"full_every ({self.full_every}) and sampled_every ({self.sampled_every}) cannot both "
                              f"be above 1: some steps would train no network")
@@ -779,7 +786,8 @@ def changed_options(saved: Mapping, now: Mapping, prefix: str = "", skip: Sequen
 JOINT_ONLY = ("steps", "joint_lr", "warmup", "fresh_optimizer", "noise_ramp", "width_ramp", "min_width", "max_width",
               "grid_only_in_range",
               "train_calibrated", "calibration_batches",
-              "per_group", "inplace_distill", "sandwich", "sandwich_every", "sampled_every", "full_every",
+              "per_group", "inplace_distill", "sandwich", "sandwich_every", "sampled_every", "sampled_widths",
+              "full_every",
               "narrow_batch",
               "original_distill", "original_fade", "train_original", "l2_weight", "tensor_subset", "eval_widths",
               "select_widths")
@@ -1091,7 +1099,8 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
             joint_step = step - config.prefit_steps
             sandwich = config.sandwich and joint_step % config.sandwich_every == 0
             sampled = joint_step % config.sampled_every == 0
-            trained = ([counts] if sampled else []) + ([narrowest_widths(manifold, config, low)] if sandwich else [])
+            drawn = [counts] + [sample_widths(manifold, config, rng, low) for _ in range(config.sampled_widths - 1)]
+            trained = (drawn if sampled else []) + ([narrowest_widths(manifold, config, low)] if sandwich else [])
             weight = original_weight(step, config)
             if original is not None:
                 original_outputs = learn_original(original, original_optimizer, task, batch, world)
