@@ -627,7 +627,8 @@ def in_range_grad_tensors(manifold: WeightManifold, config: FitConfig,
         return grad_tensors
     if not manifold.grid_range:
         raise ValueError("grid_only_in_range says who learns the trained range, the grid alone: it needs a grid "
-                         "that serves the trained range only (INRConfig(grid=True, grid_range=True), --grid --grid-range)")
+                         "that serves the trained range only (INRConfig(grid=True, grid_range=True), "
+                         "--grid --grid-range)")
     return frozenset()
 
 
