@@ -42,6 +42,7 @@ from neumeta.inr import INRConfig
 from neumeta.io import atomic_write, load_model, save_model
 from neumeta.models import create_model, width_kwargs
 from neumeta.recipes import recipe_options
+from neumeta.refine import refine
 from neumeta.train import (WATCH_ONLY, DivergenceError, FitConfig, NeverLearnedWarning, PoorReconstructionWarning,
                            endless_batches, evaluate_widths, fit, is_collapsed)
 
@@ -165,6 +166,14 @@ COMBINED = {
     # validation), two sampled widths at the unseen 75 % (+0.4); not yet fitted
     "default, grid in range, teacher learning on, two sampled widths": {
         "inr": {"grid": True, "grid_range": True}, "fit": {"train_original": True, "sampled_widths": 2}},
+    # the default's fit, then 500 steps in which a grid of plain weights learns the trained range on top
+    # of its INR, held (neumeta/refine.py): every width below the range is the default's by construction,
+    # and the range learns at the speed of plain weights; 3,000 joint steps' data in all (11 epochs).
+    # "first_stage": the joint phase is that variant's own fit, not fitted again
+    "default, then a grid refines the range": {"fit": {"refine_steps": 500}, "first_stage": "default"},
+    # the same with a teacher that goes on learning (the best in range beside the grid in range)
+    "default, then a grid refines the range, teacher learning on": {
+        "fit": {"refine_steps": 500, "train_original": True}, "first_stage": "default"},
 }
 
 
@@ -354,27 +363,43 @@ def _check_base(cached: dict, base_digest: str, what: str, log) -> None:
 
 
 def run_seed_baselines(config: RecipeBenchmarkConfig, schedule: Schedule, seed: int, data, out: Path,
-                       log=print, base_digest: Optional[str] = None) -> dict:
+                       log=print, base_digest: Optional[str] = None, more_epochs: Sequence[int] = ()) -> dict:
     """Base model and individual models of one seed (numbers cached in ``out/individual.json``;
-    models already trained in ``out`` are evaluated again, not trained again)."""
+    models already trained in ``out`` are evaluated again, not trained again). ``more_epochs``:
+    further data-matched models, for variants that see more data than the schedule's joint steps
+    (``refine_steps``), under ``matched_by_epochs``."""
     path = out / "individual.json"
     base_digest = base_digest or model_digest(out / "individual_1.safetensors")
     cached = _cached(path)
+    epochs = matched_epochs(schedule, len(data.train))
     if cached is not None:
         if cached.get("epochs") != schedule.epochs:
             raise ValueError(f"{path} holds individual models of {cached.get('epochs', 'unrecorded')} epochs, not "
                              f"{schedule.epochs}: give other epochs their own --out-dir (or delete {out})")
         _check_base(cached, base_digest, f"seed {seed}'s individual models", log)
-        if cached.get("matched_epochs") == matched_epochs(schedule, len(data.train)):
-            return cached
-    test, val = _individual_models(config, schedule.epochs, schedule.lr, seed, data, out, log)
-    result = {"test": test, "val": val, "base_sha256": base_digest, "epochs": schedule.epochs,
-              "plain_step_seconds": plain_step_seconds(config.model, data, schedule.lr, seed, config.device)}
-    epochs = matched_epochs(schedule, len(data.train))
-    test, val = _individual_models(config, epochs, schedule.lr, seed, data, out, log, suffix=f"_e{epochs}")
-    result.update(test_matched=test, val_matched=val, matched_epochs=epochs)
-    _write_json(path, result)
+    if cached is not None and cached.get("matched_epochs") == epochs:
+        result = cached
+    else:
+        test, val = _individual_models(config, schedule.epochs, schedule.lr, seed, data, out, log)
+        result = {"test": test, "val": val, "base_sha256": base_digest, "epochs": schedule.epochs,
+                  "plain_step_seconds": plain_step_seconds(config.model, data, schedule.lr, seed, config.device)}
+        test, val = _individual_models(config, epochs, schedule.lr, seed, data, out, log, suffix=f"_e{epochs}")
+        result.update(test_matched=test, val_matched=val, matched_epochs=epochs)
+    more = dict(result.get("matched_by_epochs", {}))
+    for extra in sorted(set(more_epochs) - {epochs} - {int(e) for e in more}):
+        test, val = _individual_models(config, extra, schedule.lr, seed, data, out, log, suffix=f"_e{extra}")
+        more[str(extra)] = {"test": test, "val": val}
+    if more:
+        result = dict(result, matched_by_epochs=more)
+    if result is not cached:
+        _write_json(path, result)
     return result
+
+
+def variant_data_epochs(tree: dict, schedule: Schedule, batches_per_epoch: int) -> int:
+    """The data-matched epochs of a variant: the schedule's, plus its refine stage's steps."""
+    refine_steps = tree.get("fit", {}).get("refine_steps", 0)
+    return matched_epochs(dataclasses.replace(schedule, steps=schedule.steps + refine_steps), batches_per_epoch)
 
 
 def _individual_models(config: RecipeBenchmarkConfig, epochs: int, lr: float, seed: int, data, out: Path,
@@ -404,10 +429,15 @@ def _individual_models(config: RecipeBenchmarkConfig, epochs: int, lr: float, se
     return test, val
 
 
+def variant_folder(out: Path, name: str) -> Path:
+    """Where a variant's fit and result live in the run folder."""
+    return out / name.replace(" ", "").replace(",", "_").replace("=", "-")
+
+
 def run_variant(name: str, tree: dict, config: RecipeBenchmarkConfig, schedule: Schedule, seed: int, data,
                 out: Path, log=print, base_digest: Optional[str] = None) -> dict:
     """Fit one variant from the seed's base model and evaluate it (cached in ``out``)."""
-    folder = out / name.replace(" ", "").replace(",", "_").replace("=", "-")
+    folder = variant_folder(out, name)
     path = folder / "result.json"
     base_digest = base_digest or model_digest(out / "individual_1.safetensors")
     fit_config, coords, inr, smoothing = _options(tree, schedule, config, seed)
@@ -434,7 +464,7 @@ def run_variant(name: str, tree: dict, config: RecipeBenchmarkConfig, schedule: 
     space = manifold.space
     smallest = min(space.full, key=space.full.get)
     result.update(full_width=fitted.full_width, best_step=fitted.best_step, rollbacks=fitted.rollbacks,
-                  step_seconds=fitted.step_seconds,
+                  step_seconds=fitted.step_seconds, refine_step_seconds=fitted.refine_step_seconds,
                   history=fitted.history, smallest_group=smallest, smallest_size=space.full[smallest],
                   learned=fitted.learned, warnings=fitted.warnings)
     test, val = _evaluate(manifold, data, schedule, seed, config.device)
@@ -469,6 +499,15 @@ def _fitted(tree: dict, config: RecipeBenchmarkConfig, schedule: Schedule, seed:
     returns at once). A fit that never left chance is returned (``learned`` False) and counted as
     collapsed; its warning is in the result, not on the terminal."""
     fit_config, coords, inr, smoothing = _options(tree, schedule, config, seed)
+    if "first_stage" in tree:
+        # the joint phase is another variant's fit (fitted first, or resumed finished from its folder);
+        # this variant's options are the refine stage's, with its own checkpoint here
+        first = _fitted(variants()[tree["first_stage"]], config, schedule, seed, data, out,
+                        variant_folder(out, tree["first_stage"]), log)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NeverLearnedWarning)
+            return refine(first, data.task, data.train, data.val, fit_config, checkpoint=str(folder / "fit.ckpt"),
+                          resume="auto")
     base = load_model(out / "individual_1.safetensors").to(config.device)
     # the INR's initialisation draws from torch's global generator: seed it here, or it depends on
     # whatever ran before in this process (e.g. whether the individual models were cached)
@@ -592,6 +631,11 @@ def summarise(results: Dict[str, List[dict]], baselines: List[dict], config: Rec
     if matched:
         lines.append(f"| individual models ({_epochs(matched[0]['matched_epochs'])}: the manifold's data) | "
                      + " | ".join(_cell([b["test"][str(w)] for b in matched]) for w in WIDTHS) + " | 1 | – | – |")
+    for extra in sorted({e for b in baselines for e in b.get("matched_by_epochs", {})}, key=int):
+        rows = [b["matched_by_epochs"][extra] for b in baselines if extra in b.get("matched_by_epochs", {})]
+        if len(rows) == len(baselines):
+            lines.append(f"| individual models ({_epochs(int(extra))}: the data of a variant with a refine stage) | "
+                         + " | ".join(_cell([r["test"][str(w)] for r in rows]) for w in WIDTHS) + " | 1 | – | – |")
     for name, runs in results.items():
         cells = [_cell([r["test"][str(w)] for r in runs if r.get("test")]) for w in WIDTHS]
         collapsed = sum(1 for r in runs if _collapsed(r, chance, config.min_width))
@@ -843,7 +887,8 @@ def run(config: RecipeBenchmarkConfig, log=print, schedule: Optional[Schedule] =
                                   desc=f"base seed {seed}", keep_best=True)
             save_model(base, out / "individual_1.safetensors")
         digest = model_digest(out / "individual_1.safetensors")  # every result of this seed is checked against it
-        baseline = run_seed_baselines(config, schedule, seed, data, out, log, digest)
+        more = [variant_data_epochs(all_variants[name], schedule, len(data.train)) for name in chosen]
+        baseline = run_seed_baselines(config, schedule, seed, data, out, log, digest, more_epochs=more)
         baselines.append(dict(baseline, seed=seed))
         for name in chosen:
             if ablation_seeds is not None and name not in MAIN_VARIANTS and seed not in ablation_seeds:

@@ -101,6 +101,32 @@ def test_benchmark_writes_table_json_and_plot_and_resumes(tmp_path, unguarded):
         rb.run(config, log=lambda *_: None, schedule=TINY)
 
 
+@pytest.mark.slow
+def test_a_refine_variant_refines_the_defaults_fit_against_its_own_data_matched_models(tmp_path, unguarded,
+                                                                                       monkeypatch):
+    name = "default, then a grid refines the range"
+    monkeypatch.setitem(rb.COMBINED, name, {"fit": {"refine_steps": 4}, "first_stage": "default"})
+    config = rb.RecipeBenchmarkConfig(seeds=(0,), variants=("default", name), out_dir=str(tmp_path / "runs"),
+                                      results=str(tmp_path / "recipe"), data=DataConfig(train_size=512, val_size=500))
+    table = rb.run(config, log=lambda *_: None, schedule=TINY)
+    seed = tmp_path / "runs" / "seed0"
+    # the joint phase is fitted once, in the default's folder; the refine stage has its own checkpoint
+    assert (seed / "default" / "fit.ckpt").exists()
+    assert not (rb.variant_folder(seed, name) / "fit.ckpt").exists()
+    assert (rb.variant_folder(seed, name) / "fit.refine.ckpt").exists()
+    # 1 epoch + 6 joint steps of 4 batches = 3 epochs; with 4 refine steps more, 4
+    individual = json.loads((seed / "individual.json").read_text())
+    assert individual["matched_epochs"] == 3 and set(individual["matched_by_epochs"]) == {"4"}
+    assert "| individual models (4 epochs: the data of a variant with a refine stage) |" in table
+    raw = json.loads((tmp_path / "recipe.json").read_text())
+    default, refined = raw["results"]["default"][0], raw["results"][name][0]
+    assert refined["options"]["fit"]["refine_steps"] == 4 and refined["refine_step_seconds"] > 0
+    # below the trained range (and its fade) the refined manifold is the default's, exactly
+    for width in ("0.25", "0.125"):
+        assert refined["test"][width] == default["test"][width]
+        assert refined["test_calibrated"][width] == default["test_calibrated"][width]
+
+
 def test_targets_are_judged_per_seed():
     base = {"test": {str(w): 0.80 for w in rb.WIDTHS}, "seed": 0}
     good = {"seed": 0, "test": {**{str(w): 0.81 for w in rb.WIDTHS}, "0.25": 0.795}}

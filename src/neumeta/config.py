@@ -53,6 +53,10 @@ HELP = {
                   "--max-width to --min-width (0: the whole range at once); a curriculum for deep networks",
     "noise_ramp": "fraction of the joint steps over which the coordinate noise grows from none to --noise "
                   "(0: all at once); for an INR pre-fitted without noise (--no-prefit-noise)",
+    "refine_steps": "after the joint steps, steps in which a grid of plain weights learns the trained range on top "
+                    "of the INR, held; every width below the range stays as the joint phase left it",
+    "inr_frozen": "hold the INR and train only its grid in the trained range (the refine stage's own setting; "
+                  "needs a manifold with one and --prefit-steps 0)",
     "joint_lr": "peak learning rate of the joint phase (default: fit_lr, which the pre-fit always uses)",
     "grid_lr": "peak joint-phase learning rate of the grid's plain weights (--grid; default: the INR's)",
     "grid_only_in_range": "with --grid-range, only the grid learns from the in-range networks; the INR learns as "

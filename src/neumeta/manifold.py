@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import warnings
 from dataclasses import dataclass
@@ -135,9 +137,29 @@ class WeightManifold(nn.Module):
             self.detail = nn.ParameterList([nn.Parameter(torch.zeros_like(r)) for r in self.original_rows()])
             self.anchor_detail()
         if inr.grid:  # [C_out, C_in (1 for a bias), elements] at full width, in weight units; zero: the INR alone
-            shapes = [(c_out, 1 if s.bias else c_in, s.elements)
-                      for s in specs for c_in, c_out in [space.layer_channels(s.layer, space.full)]]
-            self.grid = nn.ParameterList([nn.Parameter(torch.zeros(shape)) for shape in shapes])
+            self.grid = self._zero_grid()
+
+    def _zero_grid(self) -> nn.ParameterList:
+        """A grid (``INRConfig.grid``) of zeros: one table per tensor, [C_out, C_in (1 for a bias),
+        elements] at full width."""
+        shapes = [(c_out, 1 if s.bias else c_in, s.elements)
+                  for s in self.specs for c_in, c_out in [self.space.layer_channels(s.layer, self.space.full)]]
+        return nn.ParameterList([nn.Parameter(torch.zeros(shape)) for shape in shapes])
+
+    @torch.no_grad()
+    def add_range_grid(self) -> None:
+        """Give a fitted manifold a grid that serves its trained range only (``INRConfig(grid=True,
+        grid_range=True)``), set so that its full width at the centres is the reference network.
+        Below the range every network stays the INR's as fitted; ``FitConfig.refine_steps`` then
+        trains the grid alone on the trained widths (``neumeta.refine``)."""
+        if self.grid is not None:
+            raise ValueError("add_range_grid: this manifold has a grid already")
+        if self.detail is not None or self.inr_config.residual != "none":
+            raise ValueError("add_range_grid: a grid holds plain weights beside the INR, as the detail table and "
+                             "the residual INRs do: this manifold has one of those")
+        self.inr_config = dataclasses.replace(self.inr_config, grid=True, grid_range=True)
+        self.grid = self._zero_grid().to(self.device)
+        self.anchor_grid()
 
     @property
     def grid_range(self) -> bool:

@@ -108,6 +108,12 @@ class FitConfig:
                                  # in-range networks' gradients reach the grid alone: the INR learns only
                                  # as the INR alone with noise, the network below the range, as in the
                                  # default, and the grid learns what the range needs beyond it
+    refine_steps: int = 0        # after the joint steps, steps in which a grid of plain weights that serves
+                                 # the trained range learns on top of the fitted INR, held as it is
+                                 # (neumeta/refine.py): the trained widths then learn at the speed of
+                                 # plain weights, and every width below the range stays the fitted INR's
+    inr_frozen: bool = False     # the INR's weights are held and only the grid learns: the refine
+                                 # stage's own setting (needs a grid in the trained range, no pre-fit)
     warmup: float = 0.1          # fraction of joint steps with a linear LR warm-up
     fresh_optimizer: bool = False  # restart Adam's moment estimates when the joint phase begins: the
                                  # pre-fit ends on small reconstruction gradients, so the second-moment
@@ -242,6 +248,13 @@ class FitConfig:
                 raise ValueError(f"{name} must be >= 1 (joint steps between two {passes}), not {every}")
             if every > 1 and needs_teacher and not self.inplace_distill:
                 raise ValueError(f"{name} > 1 needs inplace_distill: {needs_teacher}")
+        if self.refine_steps < 0:
+            raise ValueError(f"refine_steps must be >= 0, not {self.refine_steps}")
+        if self.inr_frozen and self.prefit_steps:
+            raise ValueError(f"inr_frozen holds the INR, which the pre-fit trains: prefit_steps must be 0, "
+                             f"not {self.prefit_steps}")
+        if self.inr_frozen and self.refine_steps:
+            raise ValueError("inr_frozen is the refine stage itself: it cannot have refine_steps of its own")
         if self.sampled_widths < 1:
             raise ValueError(f"sampled_widths must be >= 1 (random widths trained per joint step), "
                              f"not {self.sampled_widths}")
@@ -298,6 +311,7 @@ class FitResult:
     full_width: Optional[dict] = None  # INRConfig(full_width="best"): both scores and the choice
     reconstruction: Dict[str, float] = field(default_factory=dict)  # per tensor, when the pre-fit ended
                                                                      # (reconstruction_errors)
+    refine_step_seconds: Optional[float] = None  # mean wall time of a refine step (FitConfig.refine_steps)
 
 
 def rank_and_world() -> tuple:
@@ -590,7 +604,15 @@ def _schedule(config: FitConfig):
 
 def optimizer_groups(manifold: WeightManifold, config: FitConfig):
     """(Adam's parameter groups, their rate schedules): one group, or with ``grid_lr`` the grid's
-    plain weights in a second one whose joint phase peaks at that rate."""
+    plain weights in a second one whose joint phase peaks at that rate; with ``inr_frozen`` the
+    grid alone."""
+    if config.inr_frozen:
+        if not manifold.grid_range:
+            raise ValueError("inr_frozen trains a grid that serves the trained range on top of a fitted INR, and "
+                             "this manifold has none: give it one with WeightManifold.add_range_grid(), or fit "
+                             "with FitConfig(refine_steps=N), which does")
+        rate = config if config.grid_lr is None else dataclasses.replace(config, joint_lr=config.grid_lr)
+        return [{"params": list(manifold.grid.parameters())}], [_schedule(rate)]
     if config.grid_lr is None:
         return [{"params": list(manifold.parameters())}], [_schedule(config)]
     if manifold.grid is None:
@@ -690,9 +712,10 @@ def task_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence
     rows = max(1, round(x.shape[0] * config.narrow_batch))
     for i, counts in enumerate(counts_list):
         if in_range:
-            networks = [manifold.params_from_rows(manifold.row_values(counts, grad_tensors=range_grad), counts),
-                        manifold.params_from_rows(manifold.row_values(counts, noise=True, grad_tensors=grad_tensors,
-                                                                      grid=False), counts)]
+            networks = [manifold.params_from_rows(manifold.row_values(counts, grad_tensors=range_grad), counts)]
+            if not config.inr_frozen:  # the INR alone, the network below the range, learns too
+                networks.append(manifold.params_from_rows(
+                    manifold.row_values(counts, noise=True, grad_tensors=grad_tensors, grid=False), counts))
         else:
             values = manifold.row_values(counts, noise=True, detail=False, grad_tensors=grad_tensors)
             networks = [manifold.params_from_rows(manifold.with_detail(values, counts), counts)]
@@ -794,12 +817,18 @@ JOINT_ONLY = ("steps", "joint_lr", "warmup", "fresh_optimizer", "noise_ramp", "w
               "select_widths")
 
 
+# options of the refine stage alone (which has its own checkpoint): the joint phase's checkpoint resumes
+# under any values of these, so a finished fit can be refined without fitting it again
+REFINE_ONLY = ("refine_steps",)
+
+
 def check_resumable(saved: Mapping, config: FitConfig, checkpoint, step: Optional[int] = None) -> None:
     """Refuse to resume a checkpoint written with other training options: the rest of the run would
     silently mix two recipes (e.g. a default changed since). At the end of the pre-fit (``step`` ==
     its ``prefit_steps``) the joint phase's own options may differ."""
     prefit_done = step is not None and step == saved.get("prefit_steps") == config.prefit_steps
-    differ = changed_options(saved, dataclasses.asdict(config), skip=WATCH_ONLY + (JOINT_ONLY if prefit_done else ()))
+    differ = changed_options(saved, dataclasses.asdict(config),
+                             skip=WATCH_ONLY + REFINE_ONLY + (JOINT_ONLY if prefit_done else ()))
     if differ:
         raise ValueError(f"cannot resume {checkpoint}: it was written with other fit options ("
                          + "; ".join(differ) + "); fit with those options, or move the checkpoint away to start afresh")
@@ -934,6 +963,9 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
     manifold.trained_calibrated = config.train_calibrated  # saved with it: sample() warns when not calibrated
     ema = copy.deepcopy(manifold, memo={id(manifold.space): manifold.space})
     for p in ema.parameters():
+        p.requires_grad_(False)
+    held = held_inr_parameters(manifold) if config.inr_frozen else []
+    for p in held:  # no gradient through the INR's weights at all: the refine step's backward is the grid's
         p.requires_grad_(False)
     groups, schedules = optimizer_groups(manifold, config)
     in_range_grad_tensors(manifold, config, None)  # a bad combination fails now, not after the pre-fit
@@ -1074,7 +1106,13 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
         manifold.noise_fraction = noise_fraction(step, config)
         counts, full_params, alone_full_params = full, None, None
         subset = None if prefit else draw_tensor_subset(manifold, config, rng)
-        if not prefit and config.inplace_distill and config.recon_noise:
+        if not prefit and config.inr_frozen:
+            # the INR is held: no L_recon to learn, no INR alone to train; the teacher is the full
+            # width at the centres with the grid
+            recon = torch.zeros((), device=device)
+            if config.inplace_distill:
+                full_params = manifold.params_from_rows(manifold.row_values(full), full)
+        elif not prefit and config.inplace_distill and config.recon_noise:
             # the teacher's noisy full-width rows are exactly what L_recon needs: one generation,
             # and L_recon on every row instead of a random subset. With a grid in the trained range only,
             # those rows are the INR alone's, which trains at full width as well, and the teacher is the
@@ -1172,11 +1210,25 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
         ema.load_state_dict(state["best"])
     manifold.eval()
     ema.eval()
-    full_width = choose_full_width(ema, task, val_loader, config, device)
+    for p in held:
+        p.requires_grad_(True)
+    # with a refine stage to come, the full width is chosen after it, on the refined manifold
+    full_width = None if config.refine_steps else choose_full_width(ema, task, val_loader, config, device)
     if full_width and rank == 0 and progress:
         tqdm.write(f"full width: {full_width['chosen']} (validation {task.metric}: reference "
                    f"{full_width['reference']:.4f}, INR {full_width['inr']:.4f})")
-    return FitResult(ema, state["best_score"], state["best_step"], state["history"], state["rollbacks"],
-                     state["joint_seconds"] / max(1, state["joint_steps"]), seconds=elapsed(), learned=why is None,
-                     warnings=[why] if why else [], reconstruction=dict(state.get("reconstruction", {})),
-                     full_width=full_width)
+    result = FitResult(ema, state["best_score"], state["best_step"], state["history"], state["rollbacks"],
+                       state["joint_seconds"] / max(1, state["joint_steps"]), seconds=elapsed(), learned=why is None,
+                       warnings=[why] if why else [], reconstruction=dict(state.get("reconstruction", {})),
+                       full_width=full_width)
+    if config.refine_steps:
+        from .refine import refine
+        result = refine(result, task, train_loader, val_loader, config, checkpoint=checkpoint, resume=resume,
+                        overwrite=overwrite, progress=progress)
+    return result
+
+
+def held_inr_parameters(manifold: WeightManifold) -> List[torch.nn.Parameter]:
+    """The parameters ``inr_frozen`` holds: all but the grid's plain weights."""
+    grid = {id(p) for p in manifold.grid.parameters()} if manifold.grid is not None else set()
+    return [p for p in manifold.parameters() if id(p) not in grid]
