@@ -1,5 +1,7 @@
 """The refine stage (FitConfig.refine_steps): a grid of plain weights learns the trained range on top
 of the fitted INR, which is held, so every width below the range stays as the joint phase left it."""
+import warnings
+
 import pytest
 import torch
 
@@ -7,8 +9,8 @@ import neumeta as nm
 from neumeta.data import TensorLoader
 from neumeta.experiment import build_manifold
 from neumeta.io import load_manifold, save_manifold
-from neumeta.refine import refine_checkpoint
-from neumeta.train import FitConfig, fit
+from neumeta.refine import refine, refine_checkpoint
+from neumeta.train import FitConfig, PoorReconstructionWarning, fit
 
 TINY = nm.INRConfig(hidden=16, depth=3, frequencies=2)
 
@@ -63,6 +65,12 @@ def test_refine_trains_the_grid_alone_and_the_unseen_widths_stay_as_fitted():
     steps = [row["step"] for row in refined.history]
     assert steps == sorted(steps) and steps[-1] == 4 + 4 + 4
     assert refined.refine_step_seconds is not None and refined.full_width is not None
+    # the pre-fit's reconstruction is reported, not measured again (and warned about) on the held INR
+    assert refined.reconstruction == plain.reconstruction
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        refine(plain, task, train, val, _config(refine_steps=4), progress=False)
+    assert not [w for w in caught if issubclass(w.category, PoorReconstructionWarning)]
 
 
 def test_the_refine_step_gives_the_inr_no_gradient():

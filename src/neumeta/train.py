@@ -1096,7 +1096,8 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
     manifold.train()
     step = state["step"]
     while step < total:
-        if step == config.prefit_steps and "reconstruction" not in state:  # not part of the step's time
+        # (not part of the step's time; the refine stage has no pre-fit: the joint phase recorded it)
+        if step == config.prefit_steps and "reconstruction" not in state and not config.inr_frozen:
             record_reconstruction(manifold, state, config, rank)
         if step == config.prefit_steps and config.fresh_optimizer:  # inside the loop: a joint step follows
             optimizer.state.clear()  # here too when resumed from the pre-fit's end, so both runs agree
@@ -1201,7 +1202,7 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
                 bar.update(step)
     bar.close()
     manifold.noise_fraction = 1.0  # sampling draws the configured noise
-    if step == config.prefit_steps and "reconstruction" not in state:  # a fit of pre-fit steps alone
+    if step == config.prefit_steps and "reconstruction" not in state and not config.inr_frozen:  # pre-fit alone
         record_reconstruction(manifold, state, config, rank)
     why = never_learned(state, config, chance, task.metric) if chance is not None else None
     if why is not None and rank == 0:
