@@ -205,7 +205,8 @@ def test_fine_tuned_pruning_is_measured_again_and_says_so(compared, tmp_path):
     assert "fine-tuned 10 steps per width" in table
 
 
-@pytest.mark.parametrize("name", ["compare.yaml", "compare-resnet20.yaml", "compare-resnet20-every.yaml"])
+@pytest.mark.parametrize("name", ["compare.yaml", "compare-resnet20.yaml", "compare-resnet20-every.yaml",
+                                  "compare-resnet20-every-fast.yaml"])
 def test_the_shipped_compare_configs_parse_with_their_fit_options(name):
     """A config whose options the parser renamed or dropped would fail the run hours in, or
     quietly run another recipe."""
