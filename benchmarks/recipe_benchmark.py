@@ -371,12 +371,12 @@ def run_seed_baselines(config: RecipeBenchmarkConfig, schedule: Schedule, seed: 
     path = out / "individual.json"
     base_digest = base_digest or model_digest(out / "individual_1.safetensors")
     cached = _cached(path)
-    epochs = matched_epochs(schedule, len(data.train))
     if cached is not None:
         if cached.get("epochs") != schedule.epochs:
             raise ValueError(f"{path} holds individual models of {cached.get('epochs', 'unrecorded')} epochs, not "
                              f"{schedule.epochs}: give other epochs their own --out-dir (or delete {out})")
         _check_base(cached, base_digest, f"seed {seed}'s individual models", log)
+    epochs = matched_epochs(schedule, len(data.train))
     if cached is not None and cached.get("matched_epochs") == epochs:
         result = cached
     else:
@@ -887,8 +887,11 @@ def run(config: RecipeBenchmarkConfig, log=print, schedule: Optional[Schedule] =
                                   desc=f"base seed {seed}", keep_best=True)
             save_model(base, out / "individual_1.safetensors")
         digest = model_digest(out / "individual_1.safetensors")  # every result of this seed is checked against it
-        more = [variant_data_epochs(all_variants[name], schedule, len(data.train)) for name in chosen]
-        baseline = run_seed_baselines(config, schedule, seed, data, out, log, digest, more_epochs=more)
+        # variants with a refine stage see more data than the schedule's joint steps: their own matched models
+        more = [variant_data_epochs(all_variants[name], schedule, len(data.train)) for name in chosen
+                if all_variants[name].get("fit", {}).get("refine_steps")]
+        baseline = run_seed_baselines(config, schedule, seed, data, out, log, digest,
+                                      **({"more_epochs": more} if more else {}))
         baselines.append(dict(baseline, seed=seed))
         for name in chosen:
             if ablation_seeds is not None and name not in MAIN_VARIANTS and seed not in ablation_seeds:
