@@ -396,10 +396,15 @@ def run_seed_baselines(config: RecipeBenchmarkConfig, schedule: Schedule, seed: 
     return result
 
 
+def refine_steps_of(tree: dict) -> int:
+    """A variant's refine stage (``FitConfig.refine_steps``), 0 without one."""
+    return tree.get("fit", {}).get("refine_steps", 0)
+
+
 def variant_data_epochs(tree: dict, schedule: Schedule, batches_per_epoch: int) -> int:
     """The data-matched epochs of a variant: the schedule's, plus its refine stage's steps."""
-    refine_steps = tree.get("fit", {}).get("refine_steps", 0)
-    return matched_epochs(dataclasses.replace(schedule, steps=schedule.steps + refine_steps), batches_per_epoch)
+    steps = schedule.steps + refine_steps_of(tree)
+    return matched_epochs(dataclasses.replace(schedule, steps=steps), batches_per_epoch)
 
 
 def _individual_models(config: RecipeBenchmarkConfig, epochs: int, lr: float, seed: int, data, out: Path,
@@ -889,9 +894,8 @@ def run(config: RecipeBenchmarkConfig, log=print, schedule: Optional[Schedule] =
         digest = model_digest(out / "individual_1.safetensors")  # every result of this seed is checked against it
         # variants with a refine stage see more data than the schedule's joint steps: their own matched models
         more = [variant_data_epochs(all_variants[name], schedule, len(data.train)) for name in chosen
-                if all_variants[name].get("fit", {}).get("refine_steps")]
-        baseline = run_seed_baselines(config, schedule, seed, data, out, log, digest,
-                                      **({"more_epochs": more} if more else {}))
+                if refine_steps_of(all_variants[name])]
+        baseline = run_seed_baselines(config, schedule, seed, data, out, log, digest, more_epochs=more)
         baselines.append(dict(baseline, seed=seed))
         for name in chosen:
             if ablation_seeds is not None and name not in MAIN_VARIANTS and seed not in ablation_seeds:

@@ -5,11 +5,9 @@
 """
 from __future__ import annotations
 
-import dataclasses
-
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import AbstractSet, Dict, List, Mapping, Optional, Sequence
 
 import torch
@@ -157,7 +155,7 @@ class WeightManifold(nn.Module):
         if self.detail is not None or self.inr_config.residual != "none":
             raise ValueError("add_range_grid: a grid holds plain weights beside the INR, as the detail table and "
                              "the residual INRs do: this manifold has one of those")
-        self.inr_config = dataclasses.replace(self.inr_config, grid=True, grid_range=True)
+        self.inr_config = replace(self.inr_config, grid=True, grid_range=True)
         self.grid = self._zero_grid().to(self.device)
         self.anchor_grid()
 

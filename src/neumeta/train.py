@@ -618,9 +618,7 @@ def optimizer_groups(manifold: WeightManifold, config: FitConfig):
     if manifold.grid is None:
         raise ValueError("grid_lr is the rate of the grid's plain weights, and this manifold has no grid "
                          "(INRConfig(grid=True), --grid)")
-    grid = {id(p) for p in manifold.grid.parameters()}
-    return ([{"params": [p for p in manifold.parameters() if id(p) not in grid]},
-             {"params": list(manifold.grid.parameters())}],
+    return ([{"params": inr_parameters(manifold)}, {"params": list(manifold.grid.parameters())}],
             [_schedule(config), _schedule(dataclasses.replace(config, joint_lr=config.grid_lr))])
 
 
@@ -964,7 +962,7 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
     ema = copy.deepcopy(manifold, memo={id(manifold.space): manifold.space})
     for p in ema.parameters():
         p.requires_grad_(False)
-    held = held_inr_parameters(manifold) if config.inr_frozen else []
+    held = inr_parameters(manifold) if config.inr_frozen else []
     for p in held:  # no gradient through the INR's weights at all: the refine step's backward is the grid's
         p.requires_grad_(False)
     groups, schedules = optimizer_groups(manifold, config)
@@ -1089,8 +1087,7 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
     original_outputs = None
     # the INR's parameters; a detail table or grid is plain weights, left to Adam as they are (restoring a
     # state loads into these same tensors, so the list holds through rollbacks)
-    table = {id(p) for tables in (manifold.detail, manifold.grid) if tables is not None for p in tables.parameters()}
-    clipped = [p for p in manifold.parameters() if id(p) not in table]
+    clipped = inr_parameters(manifold)
     batches = endless_batches(train_loader, state["step"])
     bar = progress_bar(initial=state["step"], total=total, desc="fit", disable=not progress or rank != 0)
     manifold.train()
@@ -1229,7 +1226,8 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
     return result
 
 
-def held_inr_parameters(manifold: WeightManifold) -> List[torch.nn.Parameter]:
-    """The parameters ``inr_frozen`` holds: all but the grid's plain weights."""
-    grid = {id(p) for p in manifold.grid.parameters()} if manifold.grid is not None else set()
-    return [p for p in manifold.parameters() if id(p) not in grid]
+def inr_parameters(manifold: WeightManifold) -> List[torch.nn.Parameter]:
+    """The INR's parameters: all but the plain weights of a detail table or grid (which gradient
+    clipping leaves to Adam as they are, and ``inr_frozen`` trains alone)."""
+    tables = {id(p) for table in (manifold.detail, manifold.grid) if table is not None for p in table.parameters()}
+    return [p for p in manifold.parameters() if id(p) not in tables]
