@@ -166,6 +166,21 @@ COMBINED = {
     # validation), two sampled widths at the unseen 75 % (+0.4); not yet fitted
     "default, grid in range, teacher learning on, two sampled widths": {
         "inr": {"grid": True, "grid_range": True}, "fit": {"train_original": True, "sampled_widths": 2}},
+    # the grid alone serves the range, trained apart from the INR on the same batches: the INR learns as
+    # the default's does (so every width below the range is the default's), where beside a grid that
+    # adds to it the INR alone held 2.4 points less at 75 % on seed 1 (docs/recipe.md)
+    "default, grid alone in range": {"inr": {"grid": True, "grid_range": True, "grid_alone": True}},
+    # the same with γ 25 % trained on every step as a slimmable network's switch (γ 0 and 50 % are the
+    # full width and the narrowest, trained every step already): slimmable networks, trained on their
+    # switches, are level with the data-matched models in range; universally slimmable ones, trained on
+    # drawn widths, 1.3-1.8 under (benchmarks/results/compare-lenet)
+    "default, grid alone in range, anchored at 0.75": {
+        "inr": {"grid": True, "grid_range": True, "grid_alone": True}, "fit": {"grid_widths": [0.75]}},
+    # the same without the 4-epoch reference teaching the grid's widths (the INR keeps it): beside the INR
+    # the grid's widths ended at that teacher's level, and a teacher that went on learning lifted them
+    "default, grid alone in range, anchored at 0.75, no original teacher for the grid": {
+        "inr": {"grid": True, "grid_range": True, "grid_alone": True},
+        "fit": {"grid_widths": [0.75], "grid_original_distill": False}},
     # the default's fit, then 500 steps in which a grid of plain weights learns the trained range on top
     # of its INR, held (neumeta/refine.py): every width below the range is the default's by construction,
     # and the range learns at the speed of plain weights; 3,000 joint steps' data in all (11 epochs).

@@ -160,6 +160,11 @@ class WeightManifold(nn.Module):
         self.anchor_grid()
 
     @property
+    def grid_alone(self) -> bool:
+        """The trained range is the grid alone (``INRConfig.grid_alone``)."""
+        return self.grid is not None and self.inr_config.grid_alone
+
+    @property
     def grid_range(self) -> bool:
         """The grid serves the trained range only (``INRConfig.grid_range``)."""
         return self.grid is not None and self.inr_config.grid_range
@@ -271,6 +276,8 @@ class WeightManifold(nn.Module):
         ``tensor_subset``. None: all of them.
         """
         tables = self._coordinates(counts)
+        if self.grid_alone and grid:
+            return self._grid_alone_values(tables, counts, rows)
         feats, reads = [], []
         for i, (coords, scale) in enumerate(tables):
             if rows is not None:
@@ -283,6 +290,17 @@ class WeightManifold(nn.Module):
                 reads.append(self.grid_values(i, centres if self.inr_config.grid_range else coords))
         values = self._finish(self._inr_outputs(feats, grad_tensors), counts, rows, reads or None)
         return self.with_detail(values, counts, rows) if detail else values
+
+    def _grid_alone_values(self, tables, counts: Mapping[str, int],
+                           rows: Optional[Sequence[torch.Tensor]]) -> List[torch.Tensor]:
+        """Row values of the grid alone at the centres (``INRConfig.grid_alone``): no INR evaluated."""
+        values = []
+        for i, (coords, _) in enumerate(tables):
+            v = self.grid_values(i, coords if rows is None else coords[rows[i]])
+            if not self.specs[i].bias:
+                v = v / self.space.layer_channels(self.specs[i].layer, counts)[0]
+            values.append(v)
+        return values
 
     def grid_values(self, i: int, coords: torch.Tensor) -> torch.Tensor:
         """Tensor ``i``'s grid (``INRConfig.grid``) at coordinate rows ``coords``: bilinear over its
@@ -447,8 +465,8 @@ class WeightManifold(nn.Module):
 
     @torch.no_grad()
     def anchor_grid(self) -> None:
-        """Set the grid so that the noise-free full width (the INR and the grid at the centres) is the
-        reference network exactly (to float rounding). ``fit`` calls it when the pre-fit ends, with
+        """Set the grid so that the noise-free full width (the INR and the grid at the centres, or the
+        grid alone with ``INRConfig.grid_alone``) is the reference network exactly (to float rounding). ``fit`` calls it when the pre-fit ends, with
         ``INRConfig.grid_range``."""
         if self.grid is None:
             raise ValueError("anchor_grid: this manifold has no grid (INRConfig(grid=True))")
@@ -502,8 +520,9 @@ class WeightManifold(nn.Module):
 
         ``calibration``: unlabelled input batches (e.g. the training loader); the first
         ``calibration_batches`` of them give every morphed layer the full width's activation
-        statistics (``neumeta.calibrate``): a no-op at full width, several points at unseen
-        narrower widths. Sampling several widths, pass ``calibration_reference(batches, samples,
+        statistics (``neumeta.calibrate``): a no-op at full width and in the range of a grid
+        alone (``INRConfig.grid_alone``, sampled as it trained), several points at unseen narrower
+        widths. Sampling several widths, pass ``calibration_reference(batches, samples,
         seed)`` instead: the full width is then sampled and measured once.
 
         ``full_width``: "reference" or "inr", what full width is (default: ``full_width_source``);
@@ -520,6 +539,10 @@ class WeightManifold(nn.Module):
             module = self._build(counts, samples, seed, source)
             if self.grid_range:  # the grid's full width in the range, the INR alone's below it, blended between
                 gates = [self.detail_gate(s, counts) for s in self.specs]
+                if self.grid_alone and min(gates) == 1.0:
+                    # the grid alone's range is sampled as it trained, uncalibrated (on LeNet calibration
+                    # cost it 0.5-0.8 validation points there; docs/recipe.md)
+                    return module
                 calibration = calibration.blended(sum(gates) / len(gates))
             module.neumeta_calibration = calibrate(module, calibration, self.space, counts,
                                                    positions=self.coord_config.positions)

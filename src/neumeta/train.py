@@ -108,6 +108,13 @@ class FitConfig:
                                  # in-range networks' gradients reach the grid alone: the INR learns only
                                  # as the INR alone with noise, the network below the range, as in the
                                  # default, and the grid learns what the range needs beyond it
+    grid_widths: Sequence[float] = ()  # with the grid alone in the trained range (INRConfig.grid_alone),
+                                 # widths the grid also trains on every joint step besides the full, the
+                                 # narrowest and one drawn: a slimmable network's switches, for the widths
+                                 # a user will deploy (each in [min_width, max_width])
+    grid_original_distill: bool = True  # the original model also teaches the grid alone's widths (with
+                                 # original_distill); off, the grid learns as a slimmable network does:
+                                 # labels at full width, its full width teaching the narrower ones
     refine_steps: int = 0        # after the joint steps, steps in which a grid of plain weights that serves
                                  # the trained range learns on top of the fitted INR, held as it is
                                  # (neumeta/refine.py): the trained widths then learn at the speed of
@@ -217,6 +224,9 @@ class FitConfig:
             raise ValueError(f"ema must be in [0, 1), not {self.ema}")
         if self.recon_reduction not in ("mean", "sum", "relative"):
             raise ValueError(f"recon_reduction must be 'mean', 'sum' or 'relative', not {self.recon_reduction!r}")
+        bad = [w for w in self.grid_widths if not self.min_width <= w <= self.max_width]
+        if bad:
+            raise ValueError(f"grid_widths {bad} lie outside the trained range [{self.min_width}, {self.max_width}]")
         if self.grid_lr is not None and not self.grid_lr > 0:
             raise ValueError(f"grid_lr must be > 0 (or None: the INR's joint rate), not {self.grid_lr}")
         if self.joint_lr is not None and not self.joint_lr > 0:
@@ -680,7 +690,8 @@ def task_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence
     width where the step generated it for L_recon (``alone_full_params``). The teachers are the
     same.
     """
-    in_range = manifold.grid_range
+    apart = manifold.grid_alone  # the grid trains on its own (grid_loss_terms): here the INR alone, as without it
+    in_range = manifold.grid_range and not apart
     range_grad = in_range_grad_tensors(manifold, config, grad_tensors)
     template = manifold.space.model
     x = batch[0]
@@ -690,7 +701,8 @@ def task_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence
         full = full_params
         if full is None:
             full = manifold.params_from_rows(manifold.row_values(manifold.space.full, noise=not in_range,
-                                                                 grad_tensors=range_grad), manifold.space.full)
+                                                                 grad_tensors=range_grad, grid=not apart),
+                                             manifold.space.full)
         with recorded_statistics(template, manifold.space) if config.train_calibrated else nullcontext({}) \
                 as full_stats, nullcontext() if train_full else torch.no_grad():
             teacher = functional_call(template, full, (x,))
@@ -715,7 +727,7 @@ def task_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence
                 networks.append(manifold.params_from_rows(
                     manifold.row_values(counts, noise=True, grad_tensors=grad_tensors, grid=False), counts))
         else:
-            values = manifold.row_values(counts, noise=True, detail=False, grad_tensors=grad_tensors)
+            values = manifold.row_values(counts, noise=True, detail=False, grad_tensors=grad_tensors, grid=not apart)
             networks = [manifold.params_from_rows(manifold.with_detail(values, counts), counts)]
             if manifold.detail is not None:
                 networks.append(manifold.params_from_rows(values, counts))
@@ -726,6 +738,55 @@ def task_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence
                 outputs = functional_call(template, params, (part[0],))
             loss = taught(loss, outputs, part, part_teacher, part_original)
             l2 = l2 + l2_loss(params)
+    return loss, l2
+
+
+def check_grid_alone(manifold: WeightManifold, config: FitConfig) -> None:
+    """Refuse the options that mean nothing, or something else, beside a grid alone in the range."""
+    if config.grid_widths and not manifold.grid_alone:
+        raise ValueError(f"grid_widths {tuple(config.grid_widths)} are widths the grid alone trains in the range, and "
+                         "this manifold has none: INRConfig(grid=True, grid_range=True, grid_alone=True)")
+    if not manifold.grid_alone:
+        return
+    clash = [name for name, on in (("grid_only_in_range", config.grid_only_in_range),
+                                   ("inr_frozen", config.inr_frozen), ("train_calibrated", config.train_calibrated))
+             if on]
+    if clash:
+        raise ValueError(f"{', '.join(clash)}: not with the grid alone in the trained range (INRConfig.grid_alone), "
+                         "which trains apart from the INR")
+
+
+def grid_widths_of_step(manifold: WeightManifold, config: FitConfig, step: int) -> List[Dict[str, int]]:
+    """The narrower widths the grid alone trains this joint step (``INRConfig.grid_alone``): the
+    narrowest, one drawn (from the step's own generator, so the INR's draws are the default's and a
+    resumed fit draws the same), and ``grid_widths``."""
+    drawn = sample_widths(manifold, config, random.Random(f"grid widths {config.seed} {step}"))
+    return ([narrowest_widths(manifold, config), drawn]
+            + [dict(manifold.space.resolve(w)) for w in config.grid_widths])
+
+
+def grid_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence[Mapping[str, int]],
+                    config: FitConfig, original_outputs=None, original_weight: float = 1.0):
+    """(task part, L_l2 part) of the grid alone (``INRConfig.grid_alone``): its full width at the
+    centres learns the labels and teaches ``counts_list`` in place; the original model teaches all,
+    as in ``task_loss_terms`` (unless ``grid_original_distill`` is off). No INR is evaluated: these terms
+    reach the grid only."""
+    template, x, full = manifold.space.model, batch[0], manifold.space.full
+    if not config.grid_original_distill:
+        original_outputs = None
+    params = manifold.params_from_rows(manifold.row_values(full), full)
+    teacher = functional_call(template, params, (x,))
+    loss, l2 = task.loss(teacher, batch), l2_loss(params)
+    if original_outputs is not None and config.original_distill:
+        loss = loss + original_weight * task.distill(teacher, original_outputs)
+    for counts in counts_list:
+        params = manifold.params_from_rows(manifold.row_values(counts), counts)
+        outputs = functional_call(template, params, (x,))
+        loss = loss + (inplace_distillation(task, outputs, teacher) if config.inplace_distill
+                       else task.loss(outputs, batch))
+        if original_outputs is not None and config.original_distill:
+            loss = loss + original_weight * task.distill(outputs, original_outputs)
+        l2 = l2 + l2_loss(params)
     return loss, l2
 
 
@@ -806,7 +867,7 @@ def changed_options(saved: Mapping, now: Mapping, prefix: str = "", skip: Sequen
 # options that only the joint phase reads: a checkpoint written when the pre-fit ended (before any
 # joint step) resumes under other values of these, so one pre-fit serves several joint recipes
 JOINT_ONLY = ("steps", "joint_lr", "warmup", "fresh_optimizer", "noise_ramp", "width_ramp", "min_width", "max_width",
-              "grid_only_in_range",
+              "grid_only_in_range", "grid_widths", "grid_original_distill",
               "train_calibrated", "calibration_batches",
               "per_group", "inplace_distill", "sandwich", "sandwich_every", "sampled_every", "sampled_widths",
               "full_every",
@@ -948,6 +1009,7 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
     # per rank, the averaged gradient would mix sub-networks and the result would depend on the
     # number of processes.
     torch.manual_seed(config.seed)
+    check_grid_alone(manifold, config)
     rng = random.Random(config.seed * 1000)
     # the inputs that calibrate each validated width, the same at every validation
     calibration = calibration_inputs(train_loader, config.calibration_batches) if config.train_calibrated else None
@@ -1118,7 +1180,7 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
             values = manifold.row_values(full, noise=True, detail=False, grad_tensors=subset,
                                          grid=not manifold.grid_range)
             recon = reconstruction_from_values(values, targets, config.recon_reduction)
-            if manifold.grid_range:
+            if manifold.grid_range and not manifold.grid_alone:
                 alone_full_params = manifold.params_from_rows(values, full)
                 full_params = manifold.params_from_rows(
                     manifold.row_values(full, grad_tensors=in_range_grad_tensors(manifold, config, subset)), full)
@@ -1149,6 +1211,10 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
             task_loss, l2 = task_loss_terms(manifold, task, batch, trained, config, original_outputs, full_params,
                                             subset, train_full=joint_step % config.full_every == 0,
                                             alone_full_params=alone_full_params, original_weight=weight)
+            if manifold.grid_alone:
+                grid_loss, grid_l2 = grid_loss_terms(manifold, task, batch, grid_widths_of_step(manifold, config, step),
+                                                     config, original_outputs, weight)
+                task_loss, l2 = task_loss + grid_loss, l2 + grid_l2
             loss = task_loss + config.recon_weight * recon + config.l2_weight * l2
         finite = torch.isfinite(loss.detach()).float()
         if world > 1:  # every process rolls back together, or none does
