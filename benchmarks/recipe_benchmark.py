@@ -483,7 +483,8 @@ def run_variant(name: str, tree: dict, config: RecipeBenchmarkConfig, schedule: 
     manifold = fitted.manifold
     space = manifold.space
     smallest = min(space.full, key=space.full.get)
-    result.update(full_width=fitted.full_width, best_step=fitted.best_step, rollbacks=fitted.rollbacks,
+    result.update(full_width=fitted.full_width, best_step=fitted.best_step, best_inr_step=fitted.best_inr_step,
+                  rollbacks=fitted.rollbacks,
                   step_seconds=fitted.step_seconds, refine_step_seconds=fitted.refine_step_seconds,
                   history=fitted.history, smallest_group=smallest, smallest_size=space.full[smallest],
                   learned=fitted.learned, warnings=fitted.warnings)

@@ -131,3 +131,38 @@ def test_calibration_leaves_the_grids_range_as_it_trained_and_corrects_below_it(
     below = manifold.sample(0.25, samples=2, calibration=reference)
     assert below.neumeta_calibration.layers  # the INR alone's narrow widths are corrected
     assert not torch.equal(below(x), manifold.sample(0.25, samples=2)(x))
+
+
+@pytest.mark.filterwarnings("ignore::neumeta.train.NeverLearnedWarning")  # 16 random images
+def test_the_inr_and_the_grid_are_each_kept_from_their_own_best_step():
+    """With validation, the INR is chosen on the INR alone, as the default's fit chooses it, and the
+    grid on the range it serves: the INR and every width below the range are the default's."""
+    config = FitConfig(prefit_steps=2, steps=6, eval_every=1, warmup=0.0, guard=False)
+    x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(3))
+    fits = {}
+    for name, inr_config in (("alone", ALONE), ("without", nm.INRConfig(**SMALL))):
+        manifold, _, _ = _manifold(inr_config)
+        with pytest.warns(train.PoorReconstructionWarning):
+            fits[name] = nm.fit(manifold, nm.ClassificationTask(10), TensorLoader(x, y, batch_size=8),
+                                TensorLoader(x, y, batch_size=8), config, progress=False)
+    alone, without = fits["alone"], fits["without"]
+    assert alone.best_inr_step == without.best_step and without.best_inr_step is None
+    assert alone.best_step != alone.best_inr_step  # this data makes them differ: the test can tell
+    assert alone.inr_history == without.history
+    for a, b in zip(alone.manifold.inr.parameters(), without.manifold.inr.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_kept_best_takes_the_grid_or_the_rest_from_now():
+    manifold, _, _ = _manifold()
+    before = {k: v.clone() for k, v in manifold.state_dict().items()}
+    with torch.no_grad():
+        for p in manifold.parameters():
+            p.add_(1.0)
+    grid_now = train.kept_best(before, manifold, grid=True)
+    rest_now = train.kept_best(before, manifold, grid=False)
+    for k, v in manifold.state_dict().items():
+        is_grid = k.startswith("grid.")
+        assert torch.equal(grid_now[k], v if is_grid else before[k])
+        assert torch.equal(rest_now[k], before[k] if is_grid else v)

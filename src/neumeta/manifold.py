@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import AbstractSet, Dict, List, Mapping, Optional, Sequence
+from typing import AbstractSet, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -158,6 +159,16 @@ class WeightManifold(nn.Module):
         self.inr_config = replace(self.inr_config, grid=True, grid_range=True)
         self.grid = self._zero_grid().to(self.device)
         self.anchor_grid()
+
+    @contextmanager
+    def without_grid(self) -> Iterator["WeightManifold"]:
+        """The manifold as if it had no grid, the INR alone everywhere (restored on exit): how ``fit``
+        validates the INR of a grid alone in the range (``INRConfig.grid_alone``) as the default's."""
+        grid, self.grid = self.grid, None
+        try:
+            yield self
+        finally:
+            self.grid = grid
 
     @property
     def grid_alone(self) -> bool:

@@ -322,6 +322,9 @@ class FitResult:
     reconstruction: Dict[str, float] = field(default_factory=dict)  # per tensor, when the pre-fit ended
                                                                      # (reconstruction_errors)
     refine_step_seconds: Optional[float] = None  # mean wall time of a refine step (FitConfig.refine_steps)
+    best_inr_step: Optional[int] = None  # with the grid alone in the range (INRConfig.grid_alone): the step the
+                                         # INR was kept from, chosen on the INR alone (best_step: the grid's)
+    inr_history: List[dict] = field(default_factory=list)  # ... and the INR alone's validation scores
 
 
 def rank_and_world() -> tuple:
@@ -741,6 +744,15 @@ def task_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence
     return loss, l2
 
 
+def kept_best(best: Optional[dict], manifold: WeightManifold, grid: bool) -> dict:
+    """``best`` (a state dict, or None) with ``manifold``'s current grid (``grid``) or everything
+    else, the INR's part, put in: a grid alone in the range keeps each part from its own best step."""
+    now = {k: v.detach().clone() for k, v in manifold.state_dict().items()}
+    if best is None:
+        return now
+    return {k: now[k] if k.startswith("grid.") == grid else v for k, v in best.items()}
+
+
 def check_grid_alone(manifold: WeightManifold, config: FitConfig) -> None:
     """Refuse the options that mean nothing, or something else, beside a grid alone in the range."""
     if config.grid_widths and not manifold.grid_alone:
@@ -1134,9 +1146,22 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
             chosen = config.select_widths or config.eval_widths
             state["history"].append(row)
             score = sum(values[w] for w in chosen) / len(chosen)
+            if ema.grid_alone:
+                # the grid and the INR apart, each kept from its own best step: the INR's chosen as the
+                # default's would be (on the INR alone), so every width below the range is the default's
+                with ema.without_grid():
+                    alone = validation_scores(ema, task, val_loader, config.validated_widths, config.eval_samples,
+                                              device, calibration=calibration)
+                state.setdefault("inr_history", []).append({"step": step, **{
+                    f"val_{task.metric}@{w:g}": v for w, v in alone.items()}})
+                inr_score = sum(alone[w] for w in chosen) / len(chosen)
+                if inr_score > state.get("best_inr_score", -math.inf):
+                    state.update(best_inr_score=inr_score, best_inr_step=step,
+                                 best=kept_best(state["best"], ema, grid=False))
             if score > state["best_score"]:
                 state.update(best_score=score, best_step=step,
-                             best={k: v.detach().clone() for k, v in ema.state_dict().items()})
+                             best=kept_best(state["best"], ema, grid=True) if ema.grid_alone else
+                             {k: v.detach().clone() for k, v in ema.state_dict().items()})
         state["step"] = step
         good = capture()
         if checkpoint:
@@ -1284,7 +1309,8 @@ def fit(manifold: WeightManifold, task, train_loader, val_loader=None, config: F
     result = FitResult(ema, state["best_score"], state["best_step"], state["history"], state["rollbacks"],
                        state["joint_seconds"] / max(1, state["joint_steps"]), seconds=elapsed(), learned=why is None,
                        warnings=[why] if why else [], reconstruction=dict(state.get("reconstruction", {})),
-                       full_width=full_width)
+                       full_width=full_width, best_inr_step=state.get("best_inr_step"),
+                       inr_history=state.get("inr_history", []))
     if config.refine_steps:
         from .refine import refine
         result = refine(result, task, train_loader, val_loader, config, checkpoint=checkpoint, resume=resume,
