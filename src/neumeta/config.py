@@ -61,6 +61,10 @@ HELP = {
     "grid_lr": "peak joint-phase learning rate of the grid's plain weights (--grid; default: the INR's)",
     "grid_only_in_range": "with --grid-range, only the grid learns from the in-range networks; the INR learns as "
                           "the INR alone with noise, the network below the range, as without a grid",
+    "grid_widths": "with --grid-alone, widths the grid also trains on every joint step (a slimmable network's "
+                   "switches: the widths you will deploy), besides the full, the narrowest and one drawn",
+    "grid_original_distill": "with --grid-alone, the base model also teaches the grid's widths (no-: the grid "
+                             "learns from the labels and its own full width, as a slimmable network)",
     "warmup": "fraction of the joint steps with a linear learning-rate warm-up",
     "fresh_optimizer": "restart Adam's moments when the joint phase begins (after the pre-fit's small gradients "
                        "the first joint steps overshoot; on LeNet a smaller early fall, the same end)",
@@ -134,6 +138,9 @@ HELP = {
     "grid_range": "the grid serves the trained range only, read with the INR at the channel centres without "
                   "noise; below the range it fades out and the INR alone, trained with the noise beside it, "
                   "takes over",
+    "grid_alone": "with --grid-range, the trained range is the grid alone (plain weights at the channel "
+                  "centres, set to the base model), trained apart from the INR, whose widths below the range "
+                  "are then the default's",
     # commands
     "base": "the trained full-width model (written by `neumeta train-base`)",
     "checkpoint": "training checkpoint (written atomically at every validation; default: OUT.ckpt)",
