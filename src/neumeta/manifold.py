@@ -305,13 +305,13 @@ class WeightManifold(nn.Module):
     def _grid_alone_values(self, tables, counts: Mapping[str, int],
                            rows: Optional[Sequence[torch.Tensor]]) -> List[torch.Tensor]:
         """Row values of the grid alone at the centres (``INRConfig.grid_alone``): no INR evaluated."""
-        values = []
-        for i, (coords, _) in enumerate(tables):
-            v = self.grid_values(i, coords if rows is None else coords[rows[i]])
-            if not self.specs[i].bias:
-                v = v / self.space.layer_channels(self.specs[i].layer, counts)[0]
-            values.append(v)
-        return values
+        return [self._per_fan_in(self.specs[i], self.grid_values(i, coords if rows is None else coords[rows[i]]),
+                                 counts) for i, (coords, _) in enumerate(tables)]
+
+    def _per_fan_in(self, spec, value: torch.Tensor, counts: Mapping[str, int]) -> torch.Tensor:
+        """A weight's row value divided by its fan-in channels at ``counts`` (the INR and the grid hold
+        weights times the fan-in, so a narrower width's weights grow as its inputs fall); a bias as it is."""
+        return value if spec.bias else value / self.space.layer_channels(spec.layer, counts)[0]
 
     def grid_values(self, i: int, coords: torch.Tensor) -> torch.Tensor:
         """Tensor ``i``'s grid (``INRConfig.grid``) at coordinate rows ``coords``: bilinear over its
@@ -345,8 +345,7 @@ class WeightManifold(nn.Module):
             v = out.index_select(1, getattr(self, f"crop_{s.block}")) * self.output_scale[s.block]
             if grid is not None:
                 v = v + grid[i]
-            if not s.bias:
-                v = v / self.space.layer_channels(s.layer, counts)[0]
+            v = self._per_fan_in(s, v, counts)
             if base is not None:
                 v = v + (base[i] if rows is None else base[i][rows[i]])
             values.append(v)
@@ -477,8 +476,8 @@ class WeightManifold(nn.Module):
     @torch.no_grad()
     def anchor_grid(self) -> None:
         """Set the grid so that the noise-free full width (the INR and the grid at the centres, or the
-        grid alone with ``INRConfig.grid_alone``) is the reference network exactly (to float rounding). ``fit`` calls it when the pre-fit ends, with
-        ``INRConfig.grid_range``."""
+        grid alone with ``INRConfig.grid_alone``) is the reference network exactly (to float rounding).
+        ``fit`` calls it when the pre-fit ends, with ``INRConfig.grid_range``."""
         if self.grid is None:
             raise ValueError("anchor_grid: this manifold has no grid (INRConfig(grid=True))")
         now = self.row_values(self.space.full, noise=False)

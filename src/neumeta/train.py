@@ -711,16 +711,9 @@ def task_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence
             teacher = functional_call(template, full, (x,))
         loss = task.loss(teacher, batch) if train_full else 0.0
 
-    def taught(loss, outputs, part, part_teacher, part_original):
-        """``loss`` plus a trained network's task terms: its teachers' outputs, or the labels without one."""
-        loss = loss + (inplace_distillation(task, outputs, part_teacher) if part_teacher is not None
-                       else task.loss(outputs, part))
-        if part_original is not None and config.original_distill:
-            loss = loss + original_weight * task.distill(outputs, part_original)
-        return loss
-
     if alone_full_params is not None:
-        loss = taught(loss, functional_call(template, alone_full_params, (x,)), batch, teacher, original_outputs)
+        loss = taught(task, config, loss, functional_call(template, alone_full_params, (x,)), batch, teacher,
+                      original_outputs, original_weight)
         l2 = l2 + l2_loss(alone_full_params)
     rows = max(1, round(x.shape[0] * config.narrow_batch))
     for i, counts in enumerate(counts_list):
@@ -739,9 +732,19 @@ def task_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence
             with normalized_to(template, manifold.space, counts, full_stats, manifold.coord_config.positions) \
                     if config.train_calibrated else nullcontext():
                 outputs = functional_call(template, params, (part[0],))
-            loss = taught(loss, outputs, part, part_teacher, part_original)
+            loss = taught(task, config, loss, outputs, part, part_teacher, part_original, original_weight)
             l2 = l2 + l2_loss(params)
     return loss, l2
+
+
+def taught(task, config: FitConfig, loss, outputs, batch, teacher, original_outputs, original_weight: float = 1.0):
+    """``loss`` plus a trained network's task terms: its teacher's outputs (in-place distillation), or
+    the labels without one (None), and the original model's outputs where it teaches
+    (``original_distill``, scaled by ``original_weight``)."""
+    loss = loss + (inplace_distillation(task, outputs, teacher) if teacher is not None else task.loss(outputs, batch))
+    if original_outputs is not None and config.original_distill:
+        loss = loss + original_weight * task.distill(outputs, original_outputs)
+    return loss
 
 
 def kept_best(best: Optional[dict], manifold: WeightManifold, grid: bool) -> dict:
@@ -788,16 +791,13 @@ def grid_loss_terms(manifold: WeightManifold, task, batch, counts_list: Sequence
         original_outputs = None
     params = manifold.params_from_rows(manifold.row_values(full), full)
     teacher = functional_call(template, params, (x,))
-    loss, l2 = task.loss(teacher, batch), l2_loss(params)
-    if original_outputs is not None and config.original_distill:
-        loss = loss + original_weight * task.distill(teacher, original_outputs)
+    loss = taught(task, config, 0.0, teacher, batch, None, original_outputs, original_weight)
+    l2 = l2_loss(params)
     for counts in counts_list:
         params = manifold.params_from_rows(manifold.row_values(counts), counts)
         outputs = functional_call(template, params, (x,))
-        loss = loss + (inplace_distillation(task, outputs, teacher) if config.inplace_distill
-                       else task.loss(outputs, batch))
-        if original_outputs is not None and config.original_distill:
-            loss = loss + original_weight * task.distill(outputs, original_outputs)
+        loss = taught(task, config, loss, outputs, batch, teacher if config.inplace_distill else None,
+                      original_outputs, original_weight)
         l2 = l2 + l2_loss(params)
     return loss, l2
 
