@@ -98,7 +98,6 @@ def candidate_flips() -> List[tuple]:
             ("inr", "residual", "linear" if inr.residual != "linear" else "none"),
             ("inr", "residual", "area" if inr.residual != "area" else "none"),
             ("inr", "detail", not inr.detail),
-            ("inr", "grid", not inr.grid),
             ("inr", "encoding", "gaussian" if inr.encoding != "gaussian" else "powers"),
             ("inr", "channel_features", 16 if inr.channel_features != 16 else 0),
             ("fit", "recon_reduction", "relative" if fit.recon_reduction != "relative" else "mean"),
@@ -181,14 +180,16 @@ COMBINED = {
     "default, grid alone in range, anchored at 0.75, no original teacher for the grid": {
         "inr": {"grid": True, "grid_range": True, "grid_alone": True},
         "fit": {"grid_widths": [0.75], "grid_original_distill": False}},
-    # the default's fit, then 500 steps in which a grid of plain weights learns the trained range on top
-    # of its INR, held (neumeta/refine.py): every width below the range is the default's by construction,
+    # the previous default's fit (the INR at every width), then 500 steps in which a grid of plain weights
+    # learns the trained range on top of its INR, held (neumeta/refine.py): every width below the range
+    # is that fit's by construction,
     # and the range learns at the speed of plain weights; 3,000 joint steps' data in all (11 epochs).
     # "first_stage": the joint phase is that variant's own fit, not fitted again
-    "default, then a grid refines the range": {"fit": {"refine_steps": 500}, "first_stage": "default"},
+    "default, then a grid refines the range": {"recipe": "inr", "fit": {"refine_steps": 500},
+                                               "first_stage": "previous default"},
     # the same with a teacher that goes on learning (the best in range beside the grid in range)
     "default, then a grid refines the range, teacher learning on": {
-        "fit": {"refine_steps": 500, "train_original": True}, "first_stage": "default"},
+        "recipe": "inr", "fit": {"refine_steps": 500, "train_original": True}, "first_stage": "previous default"},
 }
 
 
@@ -200,7 +201,9 @@ def candidate_names() -> set:
 def variants() -> Dict[str, dict]:
     """Variant name -> option tree (``recipe``, ``fit``, ``coords``, ``inr``, ``smooth``)."""
     fit, coords = FitConfig(), CoordConfig()
-    out = {"paper": {"recipe": "paper"}, "default": {}}
+    # "previous default": the INR at every width, the default until the grid alone in the trained
+    # range replaced it (issue 20; recipe "inr")
+    out = {"paper": {"recipe": "paper"}, "previous default": {"recipe": "inr"}, "default": {}}
     flips = candidate_flips() + [
         # the ablation: each option of the default switched
         ("coords", "size_terms", not coords.size_terms),
@@ -274,9 +277,10 @@ def _options(tree: dict, schedule: Schedule, config: RecipeBenchmarkConfig, seed
     base = recipe_options(tree.get("recipe", "default"))
     fit_kw = {**base.get("fit", {}), **tree.get("fit", {})}
     coord_kw = {**base.get("coords", {}), **tree.get("coords", {})}
+    inr_kw = {**base.get("inr", {}), **tree.get("inr", {})}
     fit_kw.update(prefit_steps=schedule.prefit_steps, steps=schedule.steps, eval_every=schedule.eval_every,
                   min_width=config.min_width, seed=seed)
-    return FitConfig(**fit_kw), CoordConfig(**coord_kw), INRConfig(**tree.get("inr", {})), tree.get("smooth", True)
+    return FitConfig(**fit_kw), CoordConfig(**coord_kw), INRConfig(**inr_kw), tree.get("smooth", True)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -507,11 +511,20 @@ def _results_options(options: Optional[dict]) -> Optional[dict]:
     warned about, e.g. ``recon_warn``), which a checkpoint may also be resumed with changed."""
     if not options:
         return options
-    # an option added since a result was written had the behaviour its default keeps: fill it in
+    # an option added since a result was written had the behaviour its default keeps: fill it in;
+    # the grid's options, whose default changed, were off then
+    if "inr" in options:
+        options = {**options, "inr": {"grid": False, "grid_range": False, "grid_alone": False, **options["inr"]}}
     defaults = {"fit": FitConfig(), "coords": CoordConfig(), "inr": INRConfig()}
     options = {**options, **{section: {**json.loads(json.dumps(dataclasses.asdict(default))), **options[section]}
                              for section, default in defaults.items() if section in options}}
-    return {**options, "fit": {k: v for k, v in options.get("fit", {}).items() if k not in WATCH_ONLY}}
+    fit = {k: v for k, v in options.get("fit", {}).items() if k not in WATCH_ONLY}
+    if "fit" in options and "inr" in options:
+        if not options["inr"].get("grid_alone"):  # options only the grid alone reads
+            fit = {k: v for k, v in fit.items() if k not in ("grid_widths", "grid_original_distill")}
+        elif fit.get("grid_widths") is None:  # unset: the middle of the trained range
+            fit["grid_widths"] = [(fit["min_width"] + fit["max_width"]) / 2]
+    return {**options, "fit": fit}
 
 
 def _fitted(tree: dict, config: RecipeBenchmarkConfig, schedule: Schedule, seed: int, data, out: Path,

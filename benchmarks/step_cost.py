@@ -62,9 +62,9 @@ from benchmarks.recipe_benchmark import device_name, fit_step_seconds, plain_ste
 from neumeta.config import parse_overrides
 from neumeta.coords import CoordConfig
 from neumeta.experiment import DataConfig, build_manifold, load_data
-from neumeta.inr import PRECISIONS, BlockMLP, INRConfig
+from neumeta.inr import PRECISIONS, BlockMLP
 from neumeta.models import create_model
-from neumeta.recipes import recipe
+from neumeta.recipes import recipe, recipe_inr
 from neumeta.train import FitConfig
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step-cost.md"
@@ -160,12 +160,13 @@ def peak_memory(device: str) -> Iterator[Dict[str, float]]:
 
 
 def fresh_manifold(label: str, data, device: str, coords=None, hidden: Optional[int] = None,
-                   precision: str = "float32"):
+                   precision: str = "float32", recipe_name: str = "default"):
     """A manifold of a freshly initialised ``label`` network (no permutation: it changes no cost);
-    ``hidden``: the INR's width (None: the library's default); ``precision``: its matmuls'."""
+    ``hidden``: the INR's width (None: the library's default); ``precision``: its matmuls';
+    ``recipe_name``: whose INR options (with or without the grid)."""
     name, _, groups = MODELS[label]
     torch.manual_seed(0)
-    inr = INRConfig(precision=precision) if hidden is None else INRConfig(hidden=hidden, precision=precision)
+    inr = recipe_inr(recipe_name, precision=precision, **({} if hidden is None else {"hidden": hidden}))
     return build_manifold(create_model(name).to(device), data.example.to(device), inr=inr,
                           coords=coords or CoordConfig(), groups=groups, smoothing=False,
                           log=lambda *_: None).to(device)
@@ -178,9 +179,9 @@ def measure(label: str, data, device: str, subset: float, batched: bool, steps: 
     ``options``: FitConfig fields set over the recipe's (``--set``); the row's recipe names them."""
     name = MODELS[label][0]
     config, coords = recipe(recipe_name, tensor_subset=subset, **(options or {}))
+    manifold = fresh_manifold(label, data, device, coords, hidden, precision, recipe_name)
     if options:
         recipe_name += ", " + ", ".join(f"{k}={v}" for k, v in options.items())
-    manifold = fresh_manifold(label, data, device, coords, hidden, precision)
     manifold.batched = batched
     with warnings.catch_warnings():  # timing fits of a fresh INR: what they warn about is not measured here
         warnings.simplefilter("ignore")
@@ -200,7 +201,7 @@ def measure(label: str, data, device: str, subset: float, batched: bool, steps: 
 
 def sampling_row(label: str, data, device: str, samples: int = 50, repeats: int = 3) -> str:
     """K noisy draws of width 0.5's weights, one INR call per draw against stacked draws."""
-    manifold = fresh_manifold(label, data, device)
+    manifold = fresh_manifold(label, data, device, recipe_name="inr")  # width 0.5 from the INR, not a grid
     counts = manifold.space.resolve(0.5)
     seconds = {}
     for batch_rows in (0, 1 << 17) * repeats:  # alternating, so load from other jobs hits both alike

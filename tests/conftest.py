@@ -22,6 +22,8 @@ def example():
 
 @pytest.fixture
 def small_manifold(lenet, example):
-    """A LeNet manifold with a tiny INR, so tests stay fast."""
+    """A LeNet manifold with a tiny INR, so tests stay fast; the INR at every width (recipe inr,
+    no grid), since these tests check the INR's own mechanics (the default's grid alone in the
+    trained range: tests/test_grid_alone.py)."""
     space = nm.WidthSpace(lenet, example)
-    return nm.WeightManifold(space, nm.INRConfig(hidden=32, depth=3, frequencies=4))
+    return nm.WeightManifold(space, nm.INRConfig(hidden=32, depth=3, frequencies=4, grid=False))

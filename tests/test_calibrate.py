@@ -61,7 +61,7 @@ def test_residual_streams_and_bias_free_layers_are_calibrated():
     model = nm.create_model("resnet20").eval()
     x = torch.randn(2, 3, 32, 32)
     space = nm.WidthSpace(nm.fold_batchnorm(model), x)
-    manifold = nm.WeightManifold(space, nm.INRConfig(hidden=8, depth=2, frequencies=2))
+    manifold = nm.WeightManifold(space, nm.INRConfig(hidden=8, depth=2, frequencies=2, grid=False))
     inputs = _inputs((3, 32, 32), n=2, batch=8)
     counts = space.resolve(0.5)
     net = manifold.sample(counts, samples=1)

@@ -177,7 +177,7 @@ def test_sample_command_calibrates_by_default_and_names_a_mismatching_dataset(sm
     assert "calibrated" not in capsys.readouterr().out
     x = torch.zeros(2, 3, 32, 32)
     cifar = nm.WeightManifold(nm.WidthSpace(nm.create_model("resnet20"), x, groups="paper"),
-                              nm.INRConfig(hidden=8, depth=2, frequencies=2))
+                              nm.INRConfig(hidden=8, depth=2, frequencies=2, grid=False))
     with pytest.raises(SystemExit) as exit_:
         main(["sample", "--manifold", str(cifar.save(tmp_path / "c.neumeta")), "--width", "0.5", "--samples", "1",
               "--out", str(tmp_path / "c.safetensors")])

@@ -89,7 +89,7 @@ def test_fit_trains_each_width_with_the_table_and_the_inr_alone():
     torch.manual_seed(0)
     model, x, y = TwoLayer(), torch.randn(32, 6), torch.randint(0, 4, (32,))
     space = nm.WidthSpace(model, x[:2])
-    plain = nm.WeightManifold(space, nm.INRConfig(hidden=16, depth=3, frequencies=2))
+    plain = nm.WeightManifold(space, nm.INRConfig(hidden=16, depth=3, frequencies=2, grid=False))
     detailed = nm.WeightManifold(space, DETAIL)
     detailed.load_state_dict({**plain.state_dict(), **{k: v for k, v in detailed.state_dict().items()
                                                         if k.startswith("detail.")}})

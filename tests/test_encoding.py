@@ -15,7 +15,7 @@ X = torch.zeros(2, 1, 28, 28)
 def _manifold(encoding, hidden=16, channel_features=0, **model):
     torch.manual_seed(0)
     base = nm.create_model("lenet", **(model or dict(conv1=4, conv2=6, fc1=16, fc2=8)))
-    return nm.WeightManifold(nm.WidthSpace(base, X), nm.INRConfig(hidden=hidden, depth=3, frequencies=2,
+    return nm.WeightManifold(nm.WidthSpace(base, X), nm.INRConfig(hidden=hidden, depth=3, frequencies=2, grid=False,
                                                                   encoding=encoding, channel_features=channel_features))
 
 

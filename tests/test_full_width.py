@@ -13,7 +13,7 @@ from neumeta.experiment import build_manifold
 from neumeta.train import FitConfig, evaluate_widths, validation_scores
 from helpers import TwoLayer
 
-TINY = nm.INRConfig(hidden=16, depth=3, frequencies=2)
+TINY = nm.INRConfig(hidden=16, depth=3, frequencies=2, grid=False)
 
 
 def _lenet_manifold(inr=TINY):

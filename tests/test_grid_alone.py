@@ -1,6 +1,7 @@
 """The grid alone in the trained range (INRConfig(grid=True, grid_range=True, grid_alone=True)): plain
 weights at the channel centres serve the range, the INR alone below it, and the two train apart."""
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import neumeta as nm
 import neumeta.train as train
 from neumeta.data import TensorLoader
 from neumeta.experiment import build_manifold
-from neumeta.io import load_manifold, save_manifold
+from neumeta.io import MANIFOLD_FORMAT, load_manifold, save_manifold
 from neumeta.train import FitConfig
 
 SMALL = dict(hidden=16, depth=3, frequencies=2)
@@ -53,7 +54,7 @@ def test_the_inr_learns_as_without_the_grid_and_every_width_below_the_range_is_t
     config = FitConfig(prefit_steps=2, steps=4, eval_every=1000, warmup=0.0, grid_widths=(0.75,))
     with pytest.warns(train.PoorReconstructionWarning):  # two pre-fit steps hold nothing yet
         with_grid, model, x = _fit(ALONE, config)
-        without, _, _ = _fit(nm.INRConfig(**SMALL), dataclasses.replace(config, grid_widths=()))
+        without, _, _ = _fit(nm.INRConfig(**SMALL, grid=False), dataclasses.replace(config, grid_widths=()))
     for a, b in zip(with_grid.inr.parameters(), without.inr.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
     below = with_grid.space.resolve(0.25)
@@ -96,7 +97,7 @@ def test_grid_loss_terms_reach_the_grid_only():
 def test_options_that_clash_with_the_grid_alone_are_refused():
     with pytest.raises(ValueError, match=r"grid_widths \[0.25\] lie outside the trained range"):
         FitConfig(grid_widths=(0.25,))
-    manifold, _, x = _manifold(nm.INRConfig(**SMALL))
+    manifold, _, x = _manifold(nm.INRConfig(**SMALL, grid=False))
     with pytest.raises(ValueError, match="grid_widths .* this manifold has none"):
         train.check_grid_alone(manifold, FitConfig(grid_widths=(0.75,)))
     manifold, _, _ = _manifold()
@@ -111,9 +112,9 @@ def test_without_its_original_teacher_the_grid_learns_from_the_labels_and_its_ow
     task, counts = nm.ClassificationTask(10), [manifold.space.resolve(0.5)]
     with torch.no_grad():
         original = model(x)
-    taught = train.grid_loss_terms(manifold, task, (x, y), counts, FitConfig(), original)[0]
-    alone = train.grid_loss_terms(manifold, task, (x, y), counts, FitConfig(grid_original_distill=False), original)[0]
-    plain = train.grid_loss_terms(manifold, task, (x, y), counts, FitConfig(), None)[0]
+    taught = train.grid_loss_terms(manifold, task, (x, y), counts, FitConfig(grid_original_distill=True), original)[0]
+    alone = train.grid_loss_terms(manifold, task, (x, y), counts, FitConfig(), original)[0]  # off by default
+    plain = train.grid_loss_terms(manifold, task, (x, y), counts, FitConfig(grid_original_distill=True), None)[0]
     assert torch.allclose(alone, plain) and not torch.allclose(taught, plain)
 
 
@@ -141,7 +142,7 @@ def test_the_inr_and_the_grid_are_each_kept_from_their_own_best_step():
     x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(2))
     y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(3))
     fits = {}
-    for name, inr_config in (("alone", ALONE), ("without", nm.INRConfig(**SMALL))):
+    for name, inr_config in (("alone", ALONE), ("without", nm.INRConfig(**SMALL, grid=False))):
         manifold, _, _ = _manifold(inr_config)
         with pytest.warns(train.PoorReconstructionWarning):
             fits[name] = nm.fit(manifold, nm.ClassificationTask(10), TensorLoader(x, y, batch_size=8),
@@ -166,3 +167,46 @@ def test_kept_best_takes_the_grid_or_the_rest_from_now():
         is_grid = k.startswith("grid.")
         assert torch.equal(grid_now[k], v if is_grid else before[k])
         assert torch.equal(rest_now[k], before[k] if is_grid else v)
+
+
+def test_the_default_is_the_grid_alone_in_range_and_the_other_recipes_have_no_grid():
+    """Issue 20: the default recipe serves the trained range with the grid alone, anchored at the
+    middle of the range; ``inr`` (the previous default) and ``paper`` are the INR at every width."""
+    default = nm.INRConfig()
+    assert (default.grid, default.grid_range, default.grid_alone) == (True, True, True)
+    assert train.anchored_widths(FitConfig()) == (0.75,)
+    assert train.anchored_widths(FitConfig(min_width=0.25)) == (0.625,)
+    assert train.anchored_widths(FitConfig(grid_widths=())) == ()
+    assert not FitConfig().grid_original_distill
+    for name in ("inr", "paper"):
+        config = nm.recipe_inr(name, hidden=8)
+        assert (config.grid, config.grid_range, config.grid_alone, config.hidden) == (False, False, False, 8)
+    # the plain weights held elsewhere, or the grid set by hand, leave the rest off
+    for kwargs in ({"detail": True}, {"residual": "cells"}):
+        assert not nm.INRConfig(**kwargs).grid
+    assert (nm.INRConfig(grid=True).grid_range, nm.INRConfig(grid=True, grid_range=True).grid_alone) == (False, False)
+    # the default manifold gives the base model back at full width before any joint step, and a
+    # default fit trains every width of the range on the grid alone
+    manifold, model, x = _manifold(nm.INRConfig(**SMALL))
+    assert manifold.grid_alone
+    manifold.anchor_grid()
+    assert (manifold.sample(1.0, samples=2, full_width="inr")(x) - model(x)).abs().max() <= 1e-4
+
+
+def test_a_file_written_before_the_grid_was_the_default_loads_without_one(tmp_path):
+    manifold, _, x = _manifold(nm.INRConfig(**SMALL, grid=False))
+    path = save_manifold(manifold, tmp_path / "old.neumeta")
+    tensors, config = _read_raw(path)
+    for key in ("grid", "grid_range", "grid_alone"):
+        del config["inr"][key]  # as the files of 2026-12-07 and before were written
+    from safetensors.torch import save_file
+    save_file(tensors, str(path), metadata={"format": MANIFOLD_FORMAT, "config": json.dumps(config)})
+    loaded = load_manifold(path)
+    assert not loaded.inr_config.grid and torch.equal(loaded.sample(0.75, samples=2)(x),
+                                                       manifold.sample(0.75, samples=2)(x))
+
+
+def _read_raw(path):
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["config"])

@@ -25,7 +25,7 @@ def _manifold():
 
 def test_grid_range_needs_the_grid():
     with pytest.raises(ValueError, match="grid_range .* needs grid=True"):
-        nm.INRConfig(grid_range=True)
+        nm.INRConfig(grid=False, grid_range=True)
 
 
 def test_anchored_full_width_is_the_reference_network():
@@ -161,7 +161,8 @@ def test_grid_lr_puts_the_grid_in_its_own_group_at_its_own_peak_rate():
     assert len(one) == 1
     with pytest.raises(ValueError, match="grid_lr .* no grid"):
         train.optimizer_groups(build_manifold(nm.create_model("lenet"), torch.randn(2, 1, 28, 28),
-                                              nm.INRConfig(hidden=16, depth=3, frequencies=2), log=lambda *a: None),
+                                              nm.INRConfig(hidden=16, depth=3, frequencies=2, grid=False),
+                                              log=lambda *a: None),
                                FitConfig(grid_lr=1e-3))
 
 

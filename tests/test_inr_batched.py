@@ -23,7 +23,7 @@ def _outputs_and_grads(block, inputs, ids, batched):
 @pytest.mark.parametrize("ratio", [1.5, 4.0, math.inf])
 def test_batched_forward_and_backward_equal_the_loop(ratio):
     torch.manual_seed(0)
-    config = nm.INRConfig(hidden=16, depth=4, frequencies=2)
+    config = nm.INRConfig(hidden=16, depth=4, frequencies=2, grid=False)
     block = BlockMLP(len(ROWS) + 2, 5, 9, config, bucket_ratio=ratio)  # two blocks unused
     inputs = [torch.randn(r, 5) for r in ROWS]
     ids = [4, 0, 7, 9, 1, 2, 3, 8]
@@ -54,7 +54,7 @@ def test_a_batched_manifold_generates_what_the_loop_does():
     torch.manual_seed(0)
     base = nm.create_model("lenet", conv1=4, conv2=6, fc1=16, fc2=8)
     manifold = nm.WeightManifold(nm.WidthSpace(base, torch.zeros(2, 1, 28, 28)),
-                                 nm.INRConfig(hidden=16, depth=3, frequencies=2), batched=False)
+                                 nm.INRConfig(hidden=16, depth=3, frequencies=2, grid=False), batched=False)
     counts = {name: max(1, size - 1) for name, size in manifold.space.full.items()}
     results = []
     for batched in (False, True):

@@ -89,7 +89,7 @@ def test_layers_no_morphable_group_touches_keep_the_reference_weights():
     model = nm.create_model("resnet20").eval()
     x = torch.randn(2, 3, 32, 32)
     space = nm.WidthSpace(nm.fold_batchnorm(model), x, groups="paper")
-    manifold = nm.WeightManifold(space, nm.INRConfig(hidden=8, depth=2, frequencies=2))
+    manifold = nm.WeightManifold(space, nm.INRConfig(hidden=8, depth=2, frequencies=2, grid=False))
     generated = {s.name for s in manifold.specs}
     assert generated == {"layer3.2.conv1.weight", "layer3.2.conv1.bias", "layer3.2.conv2.weight"} | \
         ({"layer3.2.conv2.bias"} if space.model.layer3[2].conv2.bias is not None else set())

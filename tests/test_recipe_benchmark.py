@@ -41,9 +41,10 @@ def test_matched_epochs_give_individual_models_the_manifolds_data():
 
 def test_variants_switch_one_option_each_unless_named_as_a_combination():
     names = rb.variants()
-    assert {"paper", "default"} <= set(names) and set(rb.COMBINED) <= set(names)
+    assert {"paper", "previous default", "default"} <= set(names) and set(rb.COMBINED) <= set(names)
+    assert names["previous default"] == {"recipe": "inr"}
     for name, tree in names.items():
-        if name not in ("paper", "default"):
+        if name not in ("paper", "previous default", "default"):
             leaves = [v for section in tree.values() for v in (section.values() if isinstance(section, dict) else [section])]
             assert (len(leaves) > 1) == (name in rb.COMBINED), name
             assert (" = " in name) == (name not in rb.COMBINED), name  # "default, key = value" names one switch
@@ -102,16 +103,17 @@ def test_benchmark_writes_table_json_and_plot_and_resumes(tmp_path, unguarded):
 
 
 @pytest.mark.slow
-def test_a_refine_variant_refines_the_defaults_fit_against_its_own_data_matched_models(tmp_path, unguarded,
-                                                                                       monkeypatch):
+def test_a_refine_variant_refines_the_previous_defaults_fit_against_its_own_data_matched_models(
+        tmp_path, unguarded, monkeypatch):
     name = "default, then a grid refines the range"
-    monkeypatch.setitem(rb.COMBINED, name, {"fit": {"refine_steps": 4}, "first_stage": "default"})
-    config = rb.RecipeBenchmarkConfig(seeds=(0,), variants=("default", name), out_dir=str(tmp_path / "runs"),
+    first = "previous default"  # the INR at every width: the refine stage adds the grid to it
+    monkeypatch.setitem(rb.COMBINED, name, {"recipe": "inr", "fit": {"refine_steps": 4}, "first_stage": first})
+    config = rb.RecipeBenchmarkConfig(seeds=(0,), variants=(first, name), out_dir=str(tmp_path / "runs"),
                                       results=str(tmp_path / "recipe"), data=DataConfig(train_size=512, val_size=500))
     table = rb.run(config, log=lambda *_: None, schedule=TINY)
     seed = tmp_path / "runs" / "seed0"
-    # the joint phase is fitted once, in the default's folder; the refine stage has its own checkpoint
-    assert (seed / "default" / "fit.ckpt").exists()
+    # the joint phase is fitted once, in the first stage's folder; the refine stage has its own checkpoint
+    assert (rb.variant_folder(seed, first) / "fit.ckpt").exists()
     assert not (rb.variant_folder(seed, name) / "fit.ckpt").exists()
     assert (rb.variant_folder(seed, name) / "fit.refine.ckpt").exists()
     # 1 epoch + 6 joint steps of 4 batches = 3 epochs; with 4 refine steps more, 4
@@ -119,7 +121,7 @@ def test_a_refine_variant_refines_the_defaults_fit_against_its_own_data_matched_
     assert individual["matched_epochs"] == 3 and set(individual["matched_by_epochs"]) == {"4"}
     assert "| individual models (4 epochs: the data of a variant with a refine stage) |" in table
     raw = json.loads((tmp_path / "recipe.json").read_text())
-    default, refined = raw["results"]["default"][0], raw["results"][name][0]
+    default, refined = raw["results"][first][0], raw["results"][name][0]
     assert refined["options"]["fit"]["refine_steps"] == 4 and refined["refine_step_seconds"] > 0
     # below the trained range (and its fade) the refined manifold is the default's, exactly
     for width in ("0.25", "0.125"):

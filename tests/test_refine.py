@@ -12,7 +12,7 @@ from neumeta.io import load_manifold, save_manifold
 from neumeta.refine import refine, refine_checkpoint
 from neumeta.train import FitConfig, PoorReconstructionWarning, fit
 
-TINY = nm.INRConfig(hidden=16, depth=3, frequencies=2)
+TINY = nm.INRConfig(hidden=16, depth=3, frequencies=2, grid=False)
 
 
 def _task_and_data(n=64):

@@ -25,14 +25,14 @@ def test_a_row_is_timed_with_the_options_it_names(monkeypatch, tmp_path):
     monkeypatch.setattr(step_cost, "fit_step_seconds", recording)
     monkeypatch.setattr(step_cost, "sampling_row", lambda *a, **k: "")
     results = tmp_path / "cost.md"
-    step_cost.main(["--models", "lenet", "--steps", "1", "--recipes", "default", "--options", "0.25,off",
+    step_cost.main(["--models", "lenet", "--steps", "1", "--recipes", "inr", "--options", "0.25,off",
                     "--set", "sandwich=false", "original_distill=false", "train_calibrated=true",
                     "--results", str(results)])
     assert seen and all(not c.sandwich and not c.original_distill and c.train_calibrated and c.tensor_subset == 0.25
                         for c in seen)
     row = [line for line in results.read_text().splitlines() if line.startswith("| lenet")]
     assert len(row) == 1
-    assert "default, sandwich=False, original_distill=False, train_calibrated=True" in row[0]
+    assert "inr, sandwich=False, original_distill=False, train_calibrated=True" in row[0]
 
 
 def test_vary_gives_one_row_per_value_over_the_set_fields(monkeypatch, tmp_path):
@@ -40,7 +40,7 @@ def test_vary_gives_one_row_per_value_over_the_set_fields(monkeypatch, tmp_path)
     monkeypatch.setattr(step_cost, "fit_step_seconds", lambda manifold, data, config, steps: seen.append(config) or 0.1)
     monkeypatch.setattr(step_cost, "sampling_row", lambda *a, **k: "")
     results = tmp_path / "cost.md"
-    step_cost.main(["--models", "lenet", "--steps", "1", "--recipes", "default", "--options", "1,off",
+    step_cost.main(["--models", "lenet", "--steps", "1", "--recipes", "inr", "--options", "1,off",
                     "--set", "sandwich=false", "--vary", "full_every=1,3", "--results", str(results)])
     assert sorted({c.full_every for c in seen}) == [1, 3] and not any(c.sandwich for c in seen)
     rows = [line for line in results.read_text().splitlines() if line.startswith("| lenet")]

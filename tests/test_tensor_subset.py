@@ -19,7 +19,7 @@ def _manifold(seed=1, **inr):
     base = nm.create_model("lenet", conv1=4, conv2=6, fc1=16, fc2=8)
     torch.manual_seed(seed)
     return nm.WeightManifold(nm.WidthSpace(base, torch.zeros(2, 1, 28, 28)),
-                             nm.INRConfig(**{"hidden": 16, "depth": 3, "frequencies": 2, **inr}))
+                             nm.INRConfig(**{"hidden": 16, "depth": 3, "frequencies": 2, "grid": False, **inr}))
 
 
 def _batch():
@@ -194,7 +194,7 @@ def test_resnet20_calibrated_subset_gradients_equal_a_full_generations():
     trained calibrated): the chosen blocks' gradients are the full generation's, the others none."""
     torch.manual_seed(0)
     space = nm.WidthSpace(nm.create_model("resnet20"), torch.zeros(2, 3, 32, 32))
-    manifold = nm.WeightManifold(space, nm.INRConfig(hidden=16, depth=3, encoding="gaussian", frequencies=8),
+    manifold = nm.WeightManifold(space, nm.INRConfig(hidden=16, depth=3, encoding="gaussian", frequencies=8, grid=False),
                                  nm.CoordConfig(noise=0.0))
     config = FitConfig(train_calibrated=True, recon_reduction="relative")
     g = torch.Generator().manual_seed(3)

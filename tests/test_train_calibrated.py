@@ -38,7 +38,7 @@ def _manifold(seed=0):
     torch.manual_seed(seed)
     base = nm.create_model("lenet", conv1=4, conv2=8, fc1=16, fc2=8)
     return nm.WeightManifold(nm.WidthSpace(base, torch.zeros(2, 1, 28, 28)),
-                             nm.INRConfig(hidden=16, depth=2, frequencies=2))
+                             nm.INRConfig(hidden=16, depth=2, frequencies=2, grid=False))
 
 
 def _networks(manifold, counts):

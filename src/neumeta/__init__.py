@@ -14,7 +14,7 @@ from .inr import INRConfig
 from .io import load_manifold as load, load_model, save_model
 from .manifold import WeightManifold
 from .models import create_model, list_models, register_model
-from .recipes import recipe
+from .recipes import recipe, recipe_inr
 from .smooth import SmoothReport, smooth, total_variation
 from .tasks import ClassificationTask
 from .tasks import SegmentationTask, VAETask
@@ -27,6 +27,6 @@ __all__ = [
     "CoordConfig", "DivergenceError", "FitConfig", "FitResult", "INRConfig", "NeverLearnedWarning", "WeightManifold",
     "PoorReconstructionWarning", "WidthSpace",
     "ClassificationTask", "create_model", "fit", "fold_batchnorm", "list_models", "load",
-    "load_model", "recipe", "register_model", "save_model", "smooth", "SmoothReport", "total_variation",
+    "load_model", "recipe", "recipe_inr", "register_model", "save_model", "smooth", "SmoothReport", "total_variation",
 ]
 __all__ += ["SegmentationTask", "VAETask", "count_flops"]

@@ -62,8 +62,9 @@ HELP = {
     "grid_only_in_range": "with --grid-range, only the grid learns from the in-range networks; the INR learns as "
                           "the INR alone with noise, the network below the range, as without a grid",
     "grid_widths": "with --grid-alone, widths the grid also trains on every joint step (a slimmable network's "
-                   "switches: the widths you will deploy), besides the full, the narrowest and one drawn",
-    "grid_original_distill": "with --grid-alone, the base model also teaches the grid's widths (no-: the grid "
+                   "switches: the widths you will deploy), besides the full, the narrowest and one drawn "
+                   "(None: the middle of the trained range)",
+    "grid_original_distill": "with --grid-alone, the base model also teaches the grid's widths (off: the grid "
                              "learns from the labels and its own full width, as a slimmable network)",
     "warmup": "fraction of the joint steps with a linear learning-rate warm-up",
     "fresh_optimizer": "restart Adam's moments when the joint phase begins (after the pre-fit's small gradients "
@@ -97,7 +98,8 @@ HELP = {
     "guard_retries": "rollbacks before fit stops with an error",
     "guard_lr_factor": "learning-rate multiplier at each rollback",
     "collapse_margin": "a width counts as collapsed at metric <= chance + margin * (1 - chance)",
-    "recipe": "named recipe under the other options: default (chosen on validation) or paper (as published)",
+    "recipe": "named recipe under the other options: default (chosen on validation), inr (the default without "
+              "its grid: the INR at every width) or paper (as published)",
     "ema": "decay of the exponential moving average of the INR used for evaluation",
     "grad_clip": "clip the INR's gradient norm to this (0 = off)",
     "eval_every": "validate (and checkpoint) every this many steps",
@@ -133,8 +135,9 @@ HELP = {
     "full_width": "what sampling gives at full width: reference (the base network, exactly), inr (the INR's, as "
                   "at every other width) or best (whichever fit measured better on validation)",
     "detail_fade": "width fraction below the trained range over which the detail table fades out",
-    "grid": "add a learned full-width table of plain weights per tensor, read at each row's jittered "
-            "coordinates by bilinear interpolation, at every width",
+    "grid": "a learned full-width table of plain weights per tensor beside the INR. Unset (None): the default "
+            "recipe, the grid alone in the trained range (--grid-range --grid-alone); --grid by itself: the table "
+            "at every width, read at each row's jittered coordinates; --no-grid: the INR alone at every width",
     "grid_range": "the grid serves the trained range only, read with the INR at the channel centres without "
                   "noise; below the range it fades out and the INR alone, trained with the noise beside it, "
                   "takes over",

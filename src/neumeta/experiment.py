@@ -157,8 +157,8 @@ class DemoConfig:
     calibrate: int = 20          # training batches calibrating each sampled network (0 = off)
     curve_samples: int = 10      # K for the accuracy-against-width curve (demo.png); 0 = no curve
     smooth: bool = True
-    recipe: str = "default"      # CLI/YAML: named recipe under the fit/coords options; in Python
-                                 # build fit/coords with nm.recipe(name) instead
+    recipe: str = "default"      # CLI/YAML: named recipe under the fit/coords/inr options; in Python
+                                 # build them with nm.recipe(name) and nm.recipe_inr(name) instead
     out_dir: str = "runs/demo"
     device: str = "cpu"
     data: DataConfig = field(default_factory=DataConfig)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -102,14 +102,15 @@ class INRConfig:
     residual: str = "none"
     detail: bool = False
     detail_fade: float = 0.125
-    grid: bool = False
-    grid_range: bool = False
-    grid_alone: bool = False
+    grid: Optional[bool] = None        # None: the default recipe's grid (see below)
+    grid_range: Optional[bool] = None
+    grid_alone: Optional[bool] = None
     full_width: str = "best"
     channel_features: int = 0
     precision: str = "float32"
 
     def __post_init__(self):
+        self._resolve_grid()
         if self.depth < 2 or self.hidden < 1 or self.frequencies < 0:
             raise ValueError(f"invalid INR config {self}: need depth >= 2, hidden >= 1, frequencies >= 0")
         if self.residual not in ("none", "cells", "linear", "area"):
@@ -123,7 +124,7 @@ class INRConfig:
         if self.detail and self.residual != "none":
             raise ValueError("detail and residual are two ways of holding the reference's detail: use one of them")
         if self.grid and (self.detail or self.residual != "none"):
-            raise ValueError("grid holds plain weights beside the INR, as detail and residual do: use one of them")
+            raise ValueError("grid holds plain weights beside the INR, as detail and residual do: use one of them (grid=False)")
         if self.grid_range and not self.grid:
             raise ValueError("grid_range says where the grid serves: it needs grid=True")
         if self.grid_alone and not self.grid_range:
@@ -134,6 +135,18 @@ class INRConfig:
             raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, not {self.precision!r}")
         if not self.detail_fade > 0:
             raise ValueError(f"detail_fade must be > 0 (a width fraction), not {self.detail_fade}")
+
+    def _resolve_grid(self):
+        """Unset grid options take the default recipe's: the grid alone in the trained range, unless
+        ``detail`` or ``residual`` holds the plain weights. A ``grid`` set by hand turns the unset
+        ``grid_range`` and ``grid_alone`` off, so ``grid=True`` is the grid at every width, as it was
+        before the grid alone became the default."""
+        chosen = self.grid is None
+        grid = (self.detail is False and self.residual == "none") if chosen else self.grid
+        grid_range = (grid and chosen) if self.grid_range is None else self.grid_range
+        grid_alone = (grid_range and chosen) if self.grid_alone is None else self.grid_alone
+        for name, value in (("grid", grid), ("grid_range", grid_range), ("grid_alone", grid_alone)):
+            object.__setattr__(self, name, bool(value))
 
 
 class FourierFeatures(nn.Module):

@@ -160,7 +160,9 @@ def load_manifold(path, model: Optional[nn.Module] = None, map_location: str = "
     except RuntimeError as err:
         raise ValueError(f"{path}: stored network weights do not fit the model: {err}") from err
     space = WidthSpace(folded, example, groups=config["groups"], fixed=config.get("fixed", ()))
-    manifold = WeightManifold(space, INRConfig(**config["inr"]), CoordConfig(**config["coords"]))
+    # a file written before the grid existed, or before it became the default, has none
+    inr = {"grid": False, "grid_range": False, "grid_alone": False, **config["inr"]}
+    manifold = WeightManifold(space, INRConfig(**inr), CoordConfig(**config["coords"]))
     manifold.noise_counts = config.get("noise_counts")
     manifold.full_width_choice = config.get("full_width_choice")
     manifold.trained_calibrated = bool(config.get("trained_calibrated", False))
