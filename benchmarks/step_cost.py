@@ -5,17 +5,17 @@
     PYTHONPATH=src python benchmarks/step_cost.py --steps 2 --models lenet   # a quick look
     PYTHONPATH=src python benchmarks/step_cost.py --models resnet20 --hidden 256 64 --options 1,off 0.25,on
     PYTHONPATH=src python benchmarks/step_cost.py --precision float32 bfloat16    # the INR's matmuls in bf16
-    PYTHONPATH=src python benchmarks/step_cost.py --models resnet20 --recipes default \
+    PYTHONPATH=src python benchmarks/step_cost.py --models resnet20 --recipes inr \
         --set sandwich=false original_distill=false train_calibrated=true --options 0.25,off   # a leaner recipe
-    PYTHONPATH=src python benchmarks/step_cost.py --models resnet20 --recipes default --steps 8 \
+    PYTHONPATH=src python benchmarks/step_cost.py --models resnet20 --recipes inr --steps 8 \
         --set train_calibrated=true original_distill=false --vary full_every=1,2,4   # one row per value
 
 For LeNet (Fashion-MNIST), ResNet-20 with every channel group morphed and ResNet-20 with the
 paper's groups (``groups="paper"``, the last block of layer3; Fashion-MNIST padded to 3x32x32),
 batches of 128, a fresh base network and a manifold built from it (no permutation: it changes
-no cost), one row per training recipe (``--recipes``: the default trains the full width and two
-narrower ones every step, with in-place and original-model distillation; the paper's one width,
-no distillation) and option: ``tensor_subset`` 1.0 and 0.25 (the
+no cost), one row per training recipe (``--recipes``: ``inr`` trains the full width and two
+narrower ones every step, with in-place and original-model distillation; the default also trains
+its grid's networks beside them; the paper's one width, no distillation) and option: ``tensor_subset`` 1.0 and 0.25 (the
 fraction of tensors whose INR blocks get gradients each step), the batched INR path off and on.
 Each row gives
 
@@ -244,9 +244,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="fit steps timed per row (plain steps: 2x + 5)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--note", default="", help="a line written under the section's heading")
-    parser.add_argument("--recipes", nargs="+", default=["default", "paper"],
-                        help="training recipes timed (neumeta.recipes): the default trains 2-3 widths a step "
-                             "with distillation, the paper's one width")
+    parser.add_argument("--recipes", nargs="+", default=["default", "inr", "paper"],
+                        help="training recipes timed (neumeta.recipes): inr trains 2-3 widths a step with "
+                             "distillation, the default also its grid's networks, the paper's one width")
     parser.add_argument("--hidden", nargs="+", type=int, default=[None],
                         help="INR widths timed (default: the library's); issue 22's every-layer ResNet-20 "
                              "is measured with a narrower INR too")

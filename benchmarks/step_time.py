@@ -35,24 +35,26 @@ from benchmarks.recipe_benchmark import device_name, fit_step_seconds, plain_ste
 from neumeta.experiment import DataConfig, build_manifold, load_data
 from neumeta.inr import INRConfig
 from neumeta.models import create_model
-from neumeta.train import FitConfig
+from neumeta.recipes import RECIPES, recipe, recipe_inr
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step-time.md"
 HEADER = ("| date | device | LeNet step, from the loader (ms) | LeNet step, batch on the device (ms) "
-          "| fit step, default recipe (ms) | fit step / LeNet step |\n|---|---|---|---|---|---|\n")
+          "| fit step, default recipe unless named (ms) | fit step / LeNet step |\n|---|---|---|---|---|---|\n")
 
 
-def fit_step_ms(data, device: str, steps: int, profile: bool, hidden: int = INRConfig.hidden) -> tuple:
-    """A default fit step of a manifold (INR ``hidden`` wide) built from a fresh LeNet, after 5
-    warm-up steps."""
+def fit_step_ms(data, device: str, steps: int, profile: bool, hidden: int = INRConfig.hidden,
+                recipe_name: str = "default") -> tuple:
+    """A fit step of recipe ``recipe_name`` for a manifold (INR ``hidden`` wide) built from a
+    fresh LeNet, after 5 warm-up steps."""
     torch.manual_seed(0)
-    manifold = build_manifold(create_model("lenet").to(device), data.example.to(device), INRConfig(hidden=hidden),
-                              log=lambda *_: None).to(device)
-    fit_step_seconds(manifold, data, FitConfig(), 5)  # warm-up
+    config, coords = recipe(recipe_name)
+    manifold = build_manifold(create_model("lenet").to(device), data.example.to(device),
+                              recipe_inr(recipe_name, hidden=hidden), coords, log=lambda *_: None).to(device)
+    fit_step_seconds(manifold, data, config, 5)  # warm-up
     profiler = cProfile.Profile() if profile else None
     if profiler:
         profiler.enable()
-    seconds = fit_step_seconds(manifold, data, FitConfig(), steps)
+    seconds = fit_step_seconds(manifold, data, config, steps)
     report = ""
     if profiler:
         profiler.disable()
@@ -70,14 +72,17 @@ def main(argv=None) -> None:
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--hidden", type=int, nargs="+", default=[INRConfig.hidden],
                         help="INR widths: one row each, timed in the same run (e.g. 256 128)")
+    parser.add_argument("--recipes", nargs="+", default=["default"], choices=list(RECIPES),
+                        help="recipes timed, one row each (e.g. default inr: the grid's share of the step)")
     args = parser.parse_args(argv)
     data = load_data(DataConfig(), 0)
     loader, on_device = (1e3 * plain_step_seconds("lenet", data, 1e-3, 0, args.device, args.steps, fixed)
                          for fixed in (False, True))
     rows, report = "", ""
-    for hidden in args.hidden:
-        fit_ms, report = fit_step_ms(data, args.device, max(10, args.steps // 10), args.profile, hidden)
-        inr = "" if hidden == INRConfig.hidden else f", INR {hidden} wide"
+    for hidden, recipe_name in ((h, r) for h in args.hidden for r in args.recipes):
+        fit_ms, report = fit_step_ms(data, args.device, max(10, args.steps // 10), args.profile, hidden, recipe_name)
+        inr = ("" if hidden == INRConfig.hidden else f", INR {hidden} wide") + \
+            ("" if recipe_name == "default" else f", recipe {recipe_name}")
         rows += (f"| {time.strftime('%Y-%m-%d')} | {device_name(args.device)}{inr} | {loader:.2f} | {on_device:.2f} "
                  f"| {fit_ms:.1f} | {fit_ms / loader:.1f} |\n")
     results = Path(args.results)

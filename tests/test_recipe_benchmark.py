@@ -317,3 +317,17 @@ def test_an_option_added_later_reads_as_its_default_in_an_older_result():
     assert rb._results_options(older) == rb._results_options(current)
     other = dict(current, inr=dict(current["inr"], encoding="gaussian"))
     assert rb._results_options(other) != rb._results_options(current)
+
+
+def test_issue_20s_targets_are_judged_per_seed_against_the_base_the_matched_models_and_the_previous_default():
+    widths = {str(w): 0.80 for w in rb.WIDTHS}
+    base = [{"seed": s, "test": dict(widths)} for s in (0, 1)]
+    matched = [{"seed": s, "test": {**widths, "0.75": 0.82, "0.5": 0.82}} for s in (0, 1)]
+    previous = [{"seed": s, "test": {**widths, "0.25": 0.70}} for s in (0, 1)]
+    good = {"test": {**widths, "1.0": 0.81, "0.75": 0.815, "0.5": 0.83, "0.25": 0.70}}
+    runs = [{**good, "seed": 0}, {"seed": 1, "test": {**good["test"], "1.0": 0.797, "0.25": 0.69}}]
+    line = rb.full_width_targets(runs, base, matched, previous)
+    assert "γ 0 % within 0.2 points of the base model: missed, met on 1/2 seeds (+1.00, -0.30)" in line
+    assert "γ 25 % within 1.0 point of the data-matched individual model: met, met on 2/2 seeds" in line
+    assert "γ 75 % (unseen) not below the previous default: missed, met on 1/2 seeds (+0.00, -1.00)" in line
+    assert "previous default" not in rb.full_width_targets(runs, base, matched)
