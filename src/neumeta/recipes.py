@@ -19,8 +19,9 @@ from .train import FitConfig
 
 RECIPES: Dict[str, Dict[str, dict]] = {
     "default": {},
-    # the INR alone at every width: width 1.0 is 1-3 points under the base model it was fitted
-    # from, the trained widths 2-3 under data-matched models (benchmarks/results/recipe.md)
+    # the INR alone at every width: its own full width is 1-3 points under the base model it was
+    # fitted from (full_width="best" samples the base there), the trained widths 2.1-3.4 under the
+    # default's (benchmarks/results/recipe-grid-alone.md); every narrower width the same
     "inr": {"inr": {"grid": False}},
     # Section 3 and the implementation details of the paper: coordinates v = [l/L, c_in/C_in,
     # c_out/C_out, L/N, C_in/N, C_out/N] (Eq. 3), lambda_1 = 1 on the squared norms (Eq. 10),
