@@ -332,7 +332,7 @@ def format_table(summary: Dict) -> str:
                      + (f" {100 * r['neumeta_test_uncalibrated']:.2f} |" if calibrated else ""))
     lines.append("")
     lines.append(f"Stored parameters: {len(summary['rows'])} individual models {summary['stored_individual']:,}; "
-                 f"one NeuMeta manifold (INR) {summary['stored_manifold']:,}, any width.")
+                 f"one NeuMeta manifold (INR and any grid) {summary['stored_manifold']:,}, any width.")
     if "stage_seconds" in summary:
         parts = ", ".join(f"{name} {value / 60:.1f}" for name, value in summary["stage_seconds"].items() if value >= 0.05)
         lines.append(f"Time: {summary['seconds'] / 60:.1f} min ({parts}).")
