@@ -38,13 +38,13 @@ from neumeta.experiment import DataConfig, build_manifold, load_data, train_base
 from neumeta.experiment import matched_epochs as experiment_matched_epochs
 from neumeta.fold import fold_batchnorm
 from neumeta.groups import WidthSpace
-from neumeta.inr import INRConfig
+from neumeta.inr import NO_GRID, INRConfig
 from neumeta.io import atomic_write, load_model, save_model
 from neumeta.models import create_model, width_kwargs
 from neumeta.recipes import recipe_options
 from neumeta.refine import refine
 from neumeta.train import (WATCH_ONLY, DivergenceError, FitConfig, NeverLearnedWarning, PoorReconstructionWarning,
-                           endless_batches, evaluate_widths, fit, is_collapsed)
+                           anchored_widths, endless_batches, evaluate_widths, fit, is_collapsed)
 
 WIDTHS = (1.0, 0.75, 0.5, 0.375, 0.25, 0.125)  # gamma = 0, 25, 50, 62.5, 75, 87.5 %
 # How the test numbers sample a network (WeightManifold.noise_counts): K draws whose noise is
@@ -514,7 +514,7 @@ def _results_options(options: Optional[dict]) -> Optional[dict]:
     # an option added since a result was written had the behaviour its default keeps: fill it in;
     # the grid's options, whose default changed, were off then
     if "inr" in options:
-        options = {**options, "inr": {"grid": False, "grid_range": False, "grid_alone": False, **options["inr"]}}
+        options = {**options, "inr": {**NO_GRID, **options["inr"]}}
     defaults = {"fit": FitConfig(), "coords": CoordConfig(), "inr": INRConfig()}
     options = {**options, **{section: {**json.loads(json.dumps(dataclasses.asdict(default))), **options[section]}
                              for section, default in defaults.items() if section in options}}
@@ -523,7 +523,8 @@ def _results_options(options: Optional[dict]) -> Optional[dict]:
         if not options["inr"].get("grid_alone"):  # options only the grid alone reads
             fit = {k: v for k, v in fit.items() if k not in ("grid_widths", "grid_original_distill")}
         elif fit.get("grid_widths") is None:  # unset: the middle of the trained range
-            fit["grid_widths"] = [(fit["min_width"] + fit["max_width"]) / 2]
+            fit["grid_widths"] = list(anchored_widths(FitConfig(min_width=fit["min_width"],
+                                                                max_width=fit["max_width"])))
     return {**options, "fit": fit}
 
 

@@ -157,6 +157,11 @@ class INRConfig:
             object.__setattr__(self, name, bool(value))
 
 
+# the grid options of a configuration written before the grid existed, or before it became the
+# default: off (a saved manifold or result that lacks them had none)
+NO_GRID = {"grid": False, "grid_range": False, "grid_alone": False}
+
+
 class FourierFeatures(nn.Module):
     """[v, sin(2^k pi v), cos(2^k pi v)] for k < frequencies (the paper's positional encoding)."""
 

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from .coords import CoordConfig
 from .fold import fold_batchnorm
 from .groups import WidthSpace
-from .inr import INRConfig
+from .inr import NO_GRID, INRConfig
 from .manifold import WeightManifold
 from .models import create_model, width_kwargs
 
@@ -161,7 +161,7 @@ def load_manifold(path, model: Optional[nn.Module] = None, map_location: str = "
         raise ValueError(f"{path}: stored network weights do not fit the model: {err}") from err
     space = WidthSpace(folded, example, groups=config["groups"], fixed=config.get("fixed", ()))
     # a file written before the grid existed, or before it became the default, has none
-    inr = {"grid": False, "grid_range": False, "grid_alone": False, **config["inr"]}
+    inr = {**NO_GRID, **config["inr"]}
     manifold = WeightManifold(space, INRConfig(**inr), CoordConfig(**config["coords"]))
     manifold.noise_counts = config.get("noise_counts")
     manifold.full_width_choice = config.get("full_width_choice")
